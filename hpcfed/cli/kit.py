@@ -1,0 +1,263 @@
+"""`hpcfed kit`: startup kits from the federation's NVFlare dashboard."""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Optional
+
+import click
+
+from hpcfed.cli._common import emit, json_option, progress, table
+from hpcfed.errors import ConfigError, KitError, NotFound
+
+PASSWORD_ENV = "HPCFED_DASHBOARD_PASSWORD"
+KEYRING_SERVICE = "hpcfed-dashboard"
+ROLE = click.Choice(["client", "server", "admin"])
+
+
+@click.group()
+def kit():
+    """Startup kits: pull them from the NVFlare dashboard, check them, choose them.
+
+    \b
+    Example:
+      export HPCFED_DASHBOARD_PASSWORD=...   # or keyring, or a prompt
+      hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site site-1
+      hpcfed kit list
+    """
+
+
+def _password(url: str, email: str) -> str:
+    """Environment, then the keyring (when installed), then a hidden prompt; never an argument."""
+    value = os.environ.get(PASSWORD_ENV)
+    if value:
+        return value
+    try:
+        import keyring  # optional
+
+        value = keyring.get_password(KEYRING_SERVICE, f"{email}@{url}") or keyring.get_password(KEYRING_SERVICE, email)
+        if value:
+            return value
+    except Exception:  # keyring absent or without a usable backend
+        pass
+    if sys.stdin.isatty():
+        return click.prompt(f"Dashboard password for {email}", hide_input=True)
+    raise ConfigError(
+        f"no dashboard password: set {PASSWORD_ENV}, store it with "
+        f"`keyring set {KEYRING_SERVICE} {email}`, or run in a terminal to be prompted"
+    )
+
+
+def _profile_capacity(name: str):
+    """(GPUs, GiB per GPU) of a site profile, for --register without --gpus; None if unknown."""
+    try:
+        from hpcfed.profiles.loader import load_site
+
+        gpus = load_site(name).profile.gpus
+    except Exception:
+        return None
+    mem = getattr(gpus, "mem_per_gpu", None) or 0
+    return gpus.max_per_node, int(mem // 1024)
+
+
+def _human_kit(k: dict) -> None:
+    rows = [
+        ("federation", k["federation"]),
+        ("site", k["site"]),
+        ("role", k["role"]),
+        ("certificate name", k.get("name")),
+        ("server", f"{k.get('server_host')}:{k.get('server_port')}"),
+        ("GPU capacity", k.get("gpu_capacity")),
+        ("expires", k.get("not_after")),
+        ("root CA", k.get("root_fingerprint")),
+        ("path", k.get("path")),
+    ]
+    click.echo(table(rows, ["", ""]).split("\n", 1)[1])
+
+
+@kit.command()
+@click.option("--dashboard", "url", envvar="HPCFED_DASHBOARD_URL", required=True, metavar="URL",
+              help="The dashboard's URL (env HPCFED_DASHBOARD_URL).")
+@click.option("--user", "email", envvar="HPCFED_DASHBOARD_USER", required=True, metavar="EMAIL",
+              help="Your dashboard login e-mail (env HPCFED_DASHBOARD_USER).")
+@click.option("--site", metavar="NAME", help="Client: the site's dashboard name. Server/admin: name to store the kit under.")
+@click.option("--role", type=ROLE, default="client", show_default=True)
+@click.option("--org", metavar="ORG", help="Organisation for --register (default: your account's).")
+@click.option("--register", is_flag=True, help="Register the site first if the dashboard does not know it.")
+@click.option("--gpus", type=click.IntRange(0), help="GPU capacity to register (default: the site profile's gpus.max_per_node).")
+@click.option("--profile", metavar="SITE", help="Site profile to take the GPU capacity from (default: --site).")
+@click.option("--repin", is_flag=True, help="Accept a new root CA for this federation (only after the admin confirms it changed).")
+@json_option
+def pull(url, email, site, role, org, register, gpus, profile, repin, as_json):
+    """Download, check and install the startup kit for a site.
+
+    The password comes from HPCFED_DASHBOARD_PASSWORD, the keyring, or a prompt. The download
+    PIN is generated fresh and never shown. The federation's root CA is pinned at the first
+    pull; a later kit with a different root is refused unless --repin.
+
+    \b
+    Example:
+      hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site site-1
+      hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site site-1 --register --gpus 4
+      hpcfed kit pull --dashboard https://flare.example.org --user admin@lab.org --role server --site hub
+    """
+    from hpcfed.kit.pull import PullPlan, pull_kit
+
+    mem = 0
+    if register and gpus is None:
+        capacity = _profile_capacity(profile or site or "")
+        if capacity is None:
+            raise ConfigError(f"--register needs --gpus N (no site profile {profile or site!r} to take it from)")
+        gpus, mem = capacity
+    plan = PullPlan(dashboard=url, site=site, role=role, email=email, org=org, register=register,
+                    gpus=gpus, mem_per_gpu_gib=mem, repin=repin)
+    result = pull_kit(plan, _password(url, email), progress=progress)
+    for warning in result.report.warnings:
+        progress(f"warning: {warning}")
+    if result.pinned == "new":
+        progress(f"pinned the root CA of federation {result.kit.federation} on first use: {result.kit.root_fingerprint}")
+    elif result.pinned == "replaced":
+        progress(f"re-pinned the root CA of federation {result.kit.federation}: {result.kit.root_fingerprint}")
+    data = dict(result.kit.to_dict(), pinned=result.pinned, warnings=result.report.warnings)
+    emit(data, as_json, lambda d: (click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"), _human_kit(d)))
+
+
+@kit.command("import")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--site", required=True, metavar="NAME", help="Name to store the kit under.")
+@click.option("--expect-name", metavar="CN", help="Name the certificate must carry (default: --site for client kits).")
+@click.option("--repin", is_flag=True, help="Accept a new root CA for this federation.")
+@json_option
+def import_(directory, site, expect_name, repin, as_json):
+    """Install an unpacked kit handed over out of band (e.g. from `nvflare provision`).
+
+    Runs the same checks and pinning as `pull`; nothing is installed when one fails.
+
+    \b
+    Example:
+      hpcfed kit import ./site-1 --site site-1
+    """
+    from hpcfed.kit.checks import detect_role
+    from hpcfed.kit.pull import import_kit
+    from pathlib import Path
+
+    if expect_name is None and detect_role(Path(directory)) == "client":
+        expect_name = site
+    result = import_kit(directory, site, expected_name=expect_name, repin=repin)
+    for warning in result.report.warnings:
+        progress(f"warning: {warning}")
+    data = dict(result.kit.to_dict(), pinned=result.pinned, warnings=result.report.warnings)
+    emit(data, as_json, lambda d: (click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"), _human_kit(d)))
+
+
+@kit.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--site", "name", metavar="NAME", help="Name the certificate must carry (site, server name or e-mail).")
+@click.option("--no-pin", is_flag=True, help="Do not compare the root CA with the pinned one.")
+@json_option
+def verify(directory, name, no_pin, as_json):
+    """Check a kit: chain to its root CA, key matches certificate, name, expiry, pin, signatures.
+
+    Exit code 0 when every check passed, 6 when one failed (all problems are listed).
+
+    \b
+    Example:
+      hpcfed kit verify ~/site-1 --site site-1
+      hpcfed kit verify "$(hpcfed kit show site-1 --json | jq -r .path)" --json
+    """
+    from hpcfed.kit.pull import verify_with_pin
+
+    if not os.path.isdir(directory):
+        raise NotFound(f"{directory}: no such directory")
+    report, _ = verify_with_pin(directory, expected_name=name, use_pin=not no_pin)
+
+    def human(r: dict) -> None:
+        for check, passed in r["checks"].items():
+            click.echo(f"{'ok  ' if passed else 'FAIL'}  {check}")
+        for w in r["warnings"]:
+            click.echo(f"warning: {w}")
+        for e in r["errors"]:
+            click.echo(f"error: {e}")
+        if r["facts"]:
+            f = r["facts"]
+            click.echo(f"{f['role']} kit for {f['name']} in federation {f['federation']}, "
+                       f"server {f['server_host']}:{f['server_port']}, expires {f['not_after']}")
+
+    emit(report.to_dict(), as_json, human)
+    if not report.ok:
+        raise KitError(f"{directory}: {len(report.errors)} check(s) failed")
+
+
+@kit.command("list")
+@json_option
+def list_(as_json):
+    """List installed kits: federation, site, role, expiry, root fingerprint.
+
+    \b
+    Example:
+      hpcfed kit list --json
+    """
+    from hpcfed.kit.store import list_kits
+
+    kits = [k.to_dict() for k in list_kits()]
+
+    def human(rows):
+        if not rows:
+            click.echo("no kits installed; get one with `hpcfed kit pull`")
+            return
+        click.echo(table(
+            [(k["federation"], k["site"], k["role"], f"{k['server_host']}:{k['server_port']}",
+              k["gpu_capacity"], k["not_after"][:10], k["root_fingerprint"][:23] + "...") for k in rows],
+            ["FEDERATION", "SITE", "ROLE", "SERVER", "GPUS", "EXPIRES", "ROOT CA"],
+        ))
+
+    emit(kits, as_json, human)
+
+
+@kit.command()
+@click.argument("site")
+@click.option("--role", type=ROLE, default="client", show_default=True)
+@json_option
+def show(site, role, as_json):
+    """Show the kit a deployment of SITE uses (the one `hpcfed submit` picks).
+
+    \b
+    Example:
+      hpcfed kit show site-1
+      hpcfed kit show hub --role server --json
+    """
+    from hpcfed.kit.store import find_kit
+
+    found = find_kit(site, role)
+    if found is None:
+        raise NotFound(f"no {role} kit for site {site!r}; get one with `hpcfed kit pull --site {site}`")
+    emit(found.to_dict(), as_json, _human_kit)
+
+
+@kit.command()
+@click.argument("site")
+@click.option("--role", type=ROLE, default="client", show_default=True)
+@click.option("--federation", metavar="NAME", help="Use this federation's kit for SITE.")
+@click.option("--rollback", is_flag=True, help="Go back to the kit installed before the last pull.")
+@json_option
+def use(site, role, federation, rollback, as_json):
+    """Choose which kit deployments of SITE use: another federation's, or the previous one.
+
+    \b
+    Example:
+      hpcfed kit use site-1 --federation cancer-fl
+      hpcfed kit use site-1 --rollback
+    """
+    from hpcfed.kit import store
+
+    if not rollback and not federation:
+        raise ConfigError("say what to use: --federation NAME or --rollback")
+    if not federation:
+        current = store.find_kit(site, role)
+        if current is None:
+            raise NotFound(f"no {role} kit for site {site!r}")
+        federation = current.federation
+    chosen = store.rollback(federation, role, site) if rollback else store.set_default(site, role, federation)
+    if rollback:
+        store.set_default(site, role, federation)
+    emit(chosen.to_dict(), as_json, _human_kit)

@@ -1,0 +1,300 @@
+"""Installed kits and trust-on-first-use pins under the user's data directory.
+
+Layout (all directories 0700, private files 0600):
+
+    kits/<federation>/<role>/<site>/versions/<id>/   one unpacked kit + hpcfed-kit.json
+    kits/<federation>/<role>/<site>/current  -> versions/<id>
+    kits/<federation>/<role>/<site>/previous -> versions/<id>   (rollback)
+    kits/defaults.json                        "<role>/<site>" -> federation chosen by `kit use`
+    pins/<federation>.json                    root-CA fingerprint pinned at the first pull
+
+A new kit is unpacked and checked in a staging directory on the same filesystem, fsynced, moved
+into versions/, and only then does `current` switch, by renaming a new symlink over the old one
+(atomic on POSIX): a reader sees the old kit or the new one, never half of either.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from hpcfed import paths
+from hpcfed.errors import ConfigError, KitError, NotFound
+from hpcfed.kit.checks import KitFacts
+
+METADATA = "hpcfed-kit.json"
+ROLES = ("client", "server", "admin")
+_NAME = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class InstalledKit:
+    path: str  # the kit's real directory (mount this into the container)
+    federation: str
+    site: str
+    role: str
+    server_host: Optional[str]
+    server_port: Optional[int]
+    gpu_capacity: Optional[int]
+    root_fingerprint: str
+    not_after: str
+    name: str = ""  # the certificate's CN (site, server name or admin e-mail)
+    organization: Optional[str] = None
+    dashboard: Optional[str] = None
+    installed_at: Optional[str] = None
+    has_previous: bool = False
+
+    def to_dict(self) -> Dict:
+        return asdict(self)
+
+
+def kits_dir() -> Path:
+    return paths.data_dir() / "kits"
+
+
+def pins_dir() -> Path:
+    return paths.data_dir() / "pins"
+
+
+def check_name(kind: str, value: str) -> str:
+    if not _NAME.match(value or ""):
+        raise ConfigError(f"{kind} {value!r} is not a valid name (letters, digits, . _ - @ +; no slashes)")
+    return value
+
+
+def _site_dir(federation: str, role: str, site: str) -> Path:
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    return kits_dir() / check_name("federation", federation) / role / check_name("site", site)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: str) -> None:
+    """Write a small file 0600 atomically (temp file + fsync + rename)."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def make_private(root: Path) -> None:
+    """Directories 0700; files 0600 (0700 for the kit's shell scripts)."""
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o700)
+        for name in files:
+            p = os.path.join(folder, name)
+            os.chmod(p, 0o700 if name.endswith(".sh") else 0o600)
+
+
+def staging_dir() -> Path:
+    """A fresh private directory on the same filesystem as the kits (so the final move is a rename)."""
+    base = paths.private_mkdir(kits_dir() / ".staging")
+    path = base / f"{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S}-{secrets.token_hex(4)}"
+    path.mkdir(mode=0o700)
+    return path
+
+
+def _swap_link(link: Path, target: str) -> None:
+    tmp = link.with_name(f".{link.name}.{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+
+
+def install_kit(
+    kit_root: Path, facts: KitFacts, site: str, dashboard: Optional[str] = None
+) -> InstalledKit:
+    """Move an unpacked, already verified kit into place and make it current (see module doc)."""
+    base = _site_dir(facts.federation, facts.role, site)
+    versions = paths.private_mkdir(base / "versions")
+    for parent in (base.parent, base.parent.parent, kits_dir()):
+        os.chmod(parent, 0o700)
+    now = dt.datetime.now(dt.timezone.utc)
+    meta = {
+        "federation": facts.federation,
+        "site": site,
+        "role": facts.role,
+        "dashboard": dashboard,
+        "installed_at": now.isoformat(timespec="seconds"),
+        "facts": asdict(facts),
+    }
+    _write_private(kit_root / METADATA, json.dumps(meta, indent=2, sort_keys=True))
+    make_private(kit_root)
+    _fsync_tree(kit_root)
+    version = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
+    os.rename(kit_root, versions / version)
+    _fsync_dir(versions)
+    current = base / "current"
+    old = os.readlink(current) if current.is_symlink() else None
+    _swap_link(current, f"versions/{version}")
+    if old:
+        _swap_link(base / "previous", old)
+    _fsync_dir(base)
+    _prune(base)
+    return _load(base)
+
+
+def _prune(base: Path) -> None:
+    """Keep only the versions `current` and `previous` point to."""
+    keep = {os.path.basename(os.readlink(base / n)) for n in ("current", "previous") if (base / n).is_symlink()}
+    for entry in (base / "versions").iterdir():
+        if entry.name not in keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def rollback(federation: str, role: str, site: str) -> InstalledKit:
+    """Swap `current` and `previous` (undo the last pull)."""
+    base = _site_dir(federation, role, site)
+    if not (base / "previous").is_symlink():
+        raise NotFound(f"no previous {role} kit for site {site!r} of federation {federation!r} to roll back to")
+    cur, prev = os.readlink(base / "current"), os.readlink(base / "previous")
+    _swap_link(base / "current", prev)
+    _swap_link(base / "previous", cur)
+    _fsync_dir(base)
+    return _load(base)
+
+
+def _load(base: Path) -> InstalledKit:
+    real = (base / "current").resolve()
+    meta = json.loads((real / METADATA).read_text())
+    facts = meta["facts"]
+    return InstalledKit(
+        path=str(real),
+        federation=meta["federation"],
+        site=meta["site"],
+        role=meta["role"],
+        server_host=facts.get("server_host"),
+        server_port=facts.get("server_port"),
+        gpu_capacity=facts.get("gpu_capacity"),
+        root_fingerprint=facts["root_fingerprint"],
+        not_after=facts["not_after"],
+        name=facts.get("name", ""),
+        organization=facts.get("organization"),
+        dashboard=meta.get("dashboard"),
+        installed_at=meta.get("installed_at"),
+        has_previous=(base / "previous").is_symlink(),
+    )
+
+
+def list_kits(site: Optional[str] = None, role: Optional[str] = None) -> List[InstalledKit]:
+    out = []
+    root = kits_dir()
+    if not root.is_dir():
+        return out
+    for current in sorted(root.glob("*/*/*/current")):
+        base = current.parent
+        if (site and base.name != site) or (role and base.parent.name != role):
+            continue
+        try:
+            out.append(_load(base))
+        except (OSError, ValueError, KeyError):
+            continue  # a kit whose metadata is unreadable is not offered to anyone
+    return out
+
+
+def _defaults_file() -> Path:
+    return kits_dir() / "defaults.json"
+
+
+def _defaults() -> Dict[str, str]:
+    try:
+        return json.loads(_defaults_file().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def set_default(site: str, role: str, federation: str) -> InstalledKit:
+    """Make the kit of `federation` the one used for `site` and `role` (`hpcfed kit use`)."""
+    base = _site_dir(federation, role, site)
+    if not (base / "current").is_symlink():
+        raise NotFound(f"no {role} kit for site {site!r} of federation {federation!r}; see `hpcfed kit list`")
+    defaults = _defaults()
+    defaults[f"{role}/{site}"] = federation
+    paths.private_mkdir(kits_dir())
+    _write_private(_defaults_file(), json.dumps(defaults, indent=2, sort_keys=True))
+    return _load(base)
+
+
+def find_kit(site: str, role: str = "client") -> Optional[InstalledKit]:
+    """The kit a deployment of `role` at `site` uses, or None when there is none.
+
+    With kits from several federations for the same site, the one chosen by `hpcfed kit use`
+    wins; without a choice that is ambiguous and raises KitError.
+    """
+    kits = list_kits(site=site, role=role)
+    if not kits:
+        return None
+    if len(kits) == 1:
+        return kits[0]
+    chosen = _defaults().get(f"{role}/{site}")
+    for kit in kits:
+        if kit.federation == chosen:
+            return kit
+    feds = ", ".join(k.federation for k in kits)
+    raise KitError(
+        f"site {site!r} has {role} kits from several federations ({feds}); "
+        f"choose one with `hpcfed kit use {site} --role {role} --federation NAME`"
+    )
+
+
+# --- trust on first use ----------------------------------------------------------------------
+def get_pin(federation: str) -> Optional[Dict]:
+    try:
+        return json.loads((pins_dir() / f"{check_name('federation', federation)}.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise KitError(f"the pin file for federation {federation!r} is unreadable ({exc}); remove it to re-pin") from None
+
+
+def pins_for_dashboard(dashboard: str) -> List[Dict]:
+    out = []
+    if pins_dir().is_dir():
+        for path in sorted(pins_dir().glob("*.json")):
+            try:
+                pin = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if pin.get("dashboard") == dashboard:
+                out.append(pin)
+    return out
+
+
+def set_pin(federation: str, fingerprint: str, subject: str, dashboard: Optional[str]) -> Dict:
+    pin = {
+        "federation": federation,
+        "fingerprint": fingerprint,
+        "subject": subject,
+        "dashboard": dashboard,
+        "pinned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    paths.private_mkdir(pins_dir())
+    _write_private(pins_dir() / f"{check_name('federation', federation)}.json", json.dumps(pin, indent=2))
+    return pin
