@@ -1,0 +1,309 @@
+"""The immutable plan of one deployment: everything submit renders and the in-job supervisor runs.
+
+build_plan() is pure: the same profile, role and flags always give the same plan (no clock, no
+I/O), so `--dry-run` shows exactly what would be submitted and golden files can pin it. The plan
+is serialised to JSON inside the sbatch script and read back by `hpcfed job run`.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Dict, Optional, Tuple
+
+from pydantic import BaseModel, ConfigDict
+
+from hpcfed.errors import ConfigError
+from hpcfed.frameworks import Role
+from hpcfed.profiles.loader import LoadedSite
+from hpcfed.profiles.units import human_duration, parse_duration
+
+PLAN_VERSION = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+JOB_NAME_PREFIX = "hpcfed-"
+COMMENT_PREFIX = "hpcfed:"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SshTarget(_Frozen):
+    host: Optional[str] = None
+    user: Optional[str] = None
+    port: int = 22
+    key: Optional[str] = None
+    known_hosts: Optional[str] = None
+    accept_unknown_host: bool = False
+
+
+class SchedulerTarget(_Frozen):
+    backend: str = "slurm-cli"
+    connect: str = "local"
+    ssh: SshTarget = SshTarget()
+    env: Dict[str, str] = {}
+    timeout: int = 30
+
+
+class Resources(_Frozen):
+    gpus: int
+    gpu_type: Optional[str]
+    gpu_option: Optional[str]  # the sbatch option in the site's dialect, e.g. --gres=gpu:a40:2
+    cpus: int
+    memory_mb: int
+    time_seconds: int
+    partition: Optional[str]
+    account: Optional[str]
+    qos: Optional[str]
+    constraint: Optional[str]
+    reservation: Optional[str]
+
+
+class Container(_Frozen):
+    apptainer: str = "apptainer"
+    gpu_flag: Optional[str] = "nv"
+    binds: Tuple[str, ...] = ()
+
+
+class Tunnel(_Frozen):
+    config: str
+    local_forwards: Tuple[str, ...] = ()  # [bind:]port=ip:port
+    remote_forwards: Tuple[str, ...] = ()  # port=host:port
+    ready_timeout: int = 60
+
+
+class Preflight(_Frozen):
+    enabled: bool
+    allow_without_nvml: bool
+    min_memory_mib: Optional[int]
+
+
+class Preemption(_Frozen):
+    requeue: bool
+    signal: str
+    lead_time: int
+    grace: int
+
+
+class Plan(_Frozen):
+    version: int = PLAN_VERSION
+    name: str
+    deployment_id: str
+    role: str
+    framework: str
+    site: str
+    scheduler: SchedulerTarget
+    resources: Resources
+    job_name: str
+    comment: str  # marker proving a job belongs to this deployment
+    workdir: str  # the deployment's directory; relative paths are under the cluster home
+    log_pattern: str  # sbatch --output, relative to workdir
+    setup: Tuple[str, ...]
+    extra_directives: Tuple[str, ...]
+    command: Tuple[str, ...]  # the role's entry, run in its workspace
+    stop_command: Optional[Tuple[str, ...]]
+    kit: Optional[str]
+    image: Optional[str]
+    container: Container
+    tunnel: Optional[Tunnel]
+    preflight: Preflight
+    preemption: Preemption
+    hpcfed_command: str
+    template: str
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.model_validate_json(text)
+
+    def log_path(self, job_id: str) -> str:
+        return f"{self.workdir.rstrip('/')}/{self.log_pattern.replace('%j', str(job_id))}"
+
+    def summary(self) -> str:
+        r = self.resources
+        gpu = f"{r.gpus}x{r.gpu_type or 'gpu'}" if r.gpus else "no GPU"
+        return (
+            f"{self.framework} {self.role} '{self.name}' on {self.site}: {gpu}, {r.cpus} CPU, "
+            f"{r.memory_mb} MB, {human_duration(r.time_seconds)}, partition {r.partition or '(default)'}"
+        )
+
+
+def gpu_option(dialect: str, gpus: int, gpu_type: Optional[str]) -> Optional[str]:
+    """The GPU request in the site's dialect (Slurm has three; sites accept different ones)."""
+    if gpus <= 0:
+        return None
+    typed = f"{gpu_type}:{gpus}" if gpu_type else str(gpus)
+    if dialect == "gres":
+        return f"--gres=gpu:{typed}"
+    if dialect == "gpus":
+        return f"--gpus={typed}"
+    if dialect == "gpus-per-node":
+        return f"--gpus-per-node={typed}"
+    raise ConfigError(f"gpus.dialect {dialect!r}: unknown (gres, gpus, gpus-per-node)")
+
+
+def _expand_workdir(workdir: str, user: str) -> str:
+    """`~/x` -> `x` (jobs are submitted from the home directory), $USER/{user} -> the user."""
+    w = workdir.replace("${USER}", user).replace("$USER", user).replace("{user}", user)
+    if w == "~":
+        return "."
+    if w.startswith("~/"):
+        return w[2:] or "."
+    if "$" in w or w.startswith("~"):
+        raise ConfigError(f"workdir {workdir!r}: only ~/ and $USER may be used in it")
+    return w
+
+
+def build_plan(
+    *,
+    site: LoadedSite,
+    role: Role,
+    name: str,
+    deployment_id: str,
+    user: str,
+    gpus: Optional[int] = None,
+    gpu_type: Optional[str] = None,
+    time: Optional[str] = None,
+    partition: Optional[str] = None,
+    kit: Optional[str] = None,
+    image: Optional[str] = None,
+    command: Optional[str] = None,
+    tunnel_config: Optional[str] = None,
+    local_forwards: Tuple[str, ...] = (),
+    remote_forwards: Tuple[str, ...] = (),
+) -> Plan:
+    """Check the request against the site and freeze it into a Plan (ConfigError if impossible)."""
+    p = site.profile
+    if not NAME_RE.match(name):
+        raise ConfigError(
+            f"--name {name!r}: use letters, digits, '.', '_' or '-' (max 63, starting alphanumeric)"
+        )
+
+    n_gpus = role.default_gpus if gpus is None else gpus
+    if n_gpus < 0:
+        raise ConfigError(f"--gpus {n_gpus}: must be 0 or more")
+    if n_gpus > p.gpus.max_per_node:
+        raise ConfigError(
+            f"--gpus {n_gpus}: above the maximum of {p.gpus.max_per_node} per node of site "
+            f"{site.name} (gpus.max_per_node in {site.source_of('gpus.max_per_node')})"
+        )
+    g_type = gpu_type if gpu_type is not None else p.gpus.default_type
+    if gpu_type is not None:
+        if not p.gpus.types:
+            raise ConfigError(
+                f"--gpu-type {gpu_type}: site {site.name} lists no GPU types "
+                f"(gpus.types in {site.source_of('gpus.types')})"
+            )
+        if gpu_type not in p.gpus.types:
+            raise ConfigError(
+                f"--gpu-type {gpu_type}: unknown GPU type for site {site.name} "
+                f"(known: {', '.join(p.gpus.types)}; gpus.types in {site.source_of('gpus.types')})"
+            )
+    if n_gpus == 0:
+        g_type = None
+
+    if time is None:
+        seconds = p.time.default
+        time_src = f"time.default in {site.source_of('time.default')}"
+    else:
+        try:
+            seconds = parse_duration(time)
+        except ValueError as exc:
+            raise ConfigError(f"--time {time}: {exc}") from None
+        time_src = f"--time {time}"
+    if p.time.max is not None and seconds > p.time.max:
+        raise ConfigError(
+            f"{time_src}: {human_duration(seconds)} is above the maximum "
+            f"{human_duration(p.time.max)} of site {site.name} (time.max in {site.source_of('time.max')})"
+        )
+
+    part = partition or p.partitions.get(role.name) or p.partitions.get("default")
+    part = p.partitions.get(part, part) if partition else part  # a flag may name an alias
+
+    cpus = max(p.cpus, n_gpus * (p.gpus.cpus_per_gpu or 0))
+    memory = max(p.memory, n_gpus * (p.gpus.mem_per_gpu or 0))
+
+    if command is not None:
+        if not command.strip():
+            raise ConfigError("--command: empty")
+        entry: Tuple[str, ...] = ("sh", "-c", command)
+    else:
+        entry = role.command
+        if role.needs_kit and not kit:
+            raise ConfigError(
+                f"--kit: the {role.framework} {role.name} needs its startup kit directory "
+                "(or --command CMD to run something else)"
+            )
+
+    tunnel = None
+    if tunnel_config:
+        tunnel = Tunnel(
+            config=tunnel_config,
+            local_forwards=tuple(local_forwards),
+            remote_forwards=tuple(remote_forwards),
+        )
+    elif local_forwards or remote_forwards:
+        raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
+
+    ssh = p.scheduler.ssh
+    return Plan(
+        name=name,
+        deployment_id=deployment_id,
+        role=role.name,
+        framework=role.framework,
+        site=site.name,
+        scheduler=SchedulerTarget(
+            backend=p.scheduler.backend,
+            connect=p.scheduler.connect,
+            ssh=SshTarget(**ssh.model_dump()),
+            env=dict(p.scheduler.env),
+            timeout=p.scheduler.timeout,
+        ),
+        resources=Resources(
+            gpus=n_gpus,
+            gpu_type=g_type,
+            gpu_option=gpu_option(p.gpus.dialect, n_gpus, g_type),
+            cpus=cpus,
+            memory_mb=memory,
+            time_seconds=seconds,
+            partition=part,
+            account=p.account,
+            qos=p.qos,
+            constraint=p.constraint,
+            reservation=p.reservation,
+        ),
+        job_name=f"{JOB_NAME_PREFIX}{name}",
+        comment=f"{COMMENT_PREFIX}{name}:{deployment_id}",
+        workdir=f"{_expand_workdir(p.workdir, user).rstrip('/')}/{name}",
+        log_pattern="job-%j.log",
+        setup=tuple(p.setup),
+        extra_directives=tuple(p.extra_directives),
+        command=entry,
+        stop_command=role.stop_command,
+        kit=kit,
+        image=image,
+        container=Container(
+            apptainer=p.apptainer.binary,
+            gpu_flag=p.apptainer.gpu_flag,
+            binds=tuple(p.apptainer.binds),
+        ),
+        tunnel=tunnel,
+        preflight=Preflight(
+            enabled=n_gpus > 0,
+            allow_without_nvml=p.preflight.allow_without_nvml,
+            min_memory_mib=p.preflight.min_memory_mib,
+        ),
+        preemption=Preemption(
+            requeue=p.preemption.requeue,
+            signal=p.preemption.signal,
+            lead_time=p.preemption.lead_time,
+            grace=p.preemption.grace,
+        ),
+        hpcfed_command=p.hpcfed_command,
+        template=role.template,
+    )
+
+
+def quote(argv) -> str:
+    return " ".join(shlex.quote(a) for a in argv)

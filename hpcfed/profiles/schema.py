@@ -1,0 +1,142 @@
+"""The site profile schema: every key a profile may have, its type and default.
+
+Validation is pydantic's (extra keys forbidden, strict-ish types); hpcfed.profiles.loader turns
+its errors into one line naming the file and the key path.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hpcfed.profiles.units import parse_duration, parse_memory_mb
+
+_SIGNAL_RE = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|QUIT|ALRM|CONT|URG)$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SshSettings(_Strict):
+    host: Optional[str] = None
+    user: Optional[str] = None
+    port: int = Field(22, ge=1, le=65535)
+    key: Optional[str] = None  # a private key file; else the SSH agent / default keys
+    known_hosts: Optional[str] = None  # default ~/.ssh/known_hosts
+    accept_unknown_host: bool = False  # never on by default: unknown host keys are refused
+
+
+class SchedulerSettings(_Strict):
+    backend: Literal["slurm-cli", "pyslurm"] = "slurm-cli"
+    connect: Literal["local", "ssh"] = "local"
+    ssh: SshSettings = SshSettings()
+    env: Dict[str, str] = {}  # environment for sbatch/squeue/... (e.g. SLURM_CONF)
+    timeout: int = Field(30, ge=1)  # seconds one scheduler command may take
+
+
+class GpuSettings(_Strict):
+    dialect: Literal["gres", "gpus", "gpus-per-node"] = "gres"
+    types: List[str] = []  # GPU types the site has (typed gres); empty = untyped only
+    default_type: Optional[str] = None  # type asked for when --gpu-type is not given
+    max_per_node: int = Field(8, ge=0)
+    cpus_per_gpu: Optional[int] = Field(None, ge=1)
+    mem_per_gpu: Optional[int] = None  # MB
+
+    @field_validator("mem_per_gpu", mode="before")
+    @classmethod
+    def _mem(cls, v):
+        return None if v is None else parse_memory_mb(v)
+
+    @model_validator(mode="after")
+    def _default_type_known(self):
+        if self.default_type is not None and self.default_type not in self.types:
+            raise ValueError(f"default_type {self.default_type!r} is not one of types {self.types}")
+        return self
+
+
+class TimeSettings(_Strict):
+    default: int = 3600  # seconds
+    max: Optional[int] = None
+
+    @field_validator("default", "max", mode="before")
+    @classmethod
+    def _dur(cls, v):
+        return None if v is None else parse_duration(v)
+
+
+class ApptainerSettings(_Strict):
+    binary: str = "apptainer"
+    binds: List[str] = []
+    gpu_flag: Optional[Literal["nv", "rocm"]] = "nv"
+    image_dir: Optional[str] = None  # where `hpcfed image build` stores SIFs; None = data dir/images
+
+
+class PreemptionSettings(_Strict):
+    requeue: bool = True
+    signal: str = "USR2"  # asked for with --signal=B:SIG@lead_time (USR1 clashes with NCCL)
+    lead_time: int = 90  # seconds before the end
+    grace: int = 20  # seconds the role gets between its graceful stop and KILL
+
+    @field_validator("lead_time", "grace", mode="before")
+    @classmethod
+    def _dur(cls, v):
+        return parse_duration(v)
+
+    @field_validator("signal")
+    @classmethod
+    def _sig(cls, v):
+        m = _SIGNAL_RE.match(v.upper())
+        if not m:
+            raise ValueError(f"not a signal name: {v!r} (e.g. USR2, TERM)")
+        return m.group(2)
+
+
+class PreflightSettings(_Strict):
+    allow_without_nvml: bool = False
+    min_memory_mib: Optional[int] = Field(None, ge=0)
+
+
+class SiteProfile(_Strict):
+    description: str = ""
+    extends: Optional[str] = None  # a user profile may start from another site
+    scheduler: SchedulerSettings = SchedulerSettings()
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    reservation: Optional[str] = None
+    partitions: Dict[str, str] = {}  # "default" and/or one per role
+    gpus: GpuSettings = GpuSettings()
+    cpus: int = Field(1, ge=1)  # CPUs for a job without GPUs (and the minimum)
+    memory: int = 2048  # MB for a job without GPUs (and the minimum)
+    time: TimeSettings = TimeSettings()
+    setup: List[str] = []  # shell lines run first in the job (module load ...)
+    apptainer: ApptainerSettings = ApptainerSettings()
+    workdir: str = "~/hpcfed"  # one subdirectory per deployment; `~` is the cluster home
+    preemption: PreemptionSettings = PreemptionSettings()
+    preflight: PreflightSettings = PreflightSettings()
+    extra_directives: List[str] = []  # verbatim sbatch options, e.g. "--mail-type=NONE"
+    hpcfed_command: str = "hpcfed"  # how a job calls hpcfed on the compute node
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _mem(cls, v):
+        return parse_memory_mb(v)
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _directives(cls, v):
+        for d in v:
+            if not d.startswith("--") or "\n" in d:
+                raise ValueError(f"not an sbatch option: {d!r} (write e.g. --mail-type=NONE)")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, v):
+        for line in v:
+            if "\n" in line:
+                raise ValueError("one shell line per list item")
+        return v
+

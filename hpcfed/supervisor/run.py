@@ -1,0 +1,231 @@
+"""The supervisor's one job, step by step (see the package docstring)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from hpcfed.errors import GpuPreflightFailed, HpcfedError, KitError, TunnelError
+from hpcfed.plan import Plan
+
+EXIT_PREFLIGHT = 10
+EXIT_TUNNEL = 9
+EXIT_SETUP = 6
+
+
+def log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    print(f"[hpcfed-job {stamp}] {message}", file=sys.stderr, flush=True)
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, workdir: Path):
+        self.plan = plan
+        self.workdir = workdir
+        self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
+        self.restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+        self.role: Optional[subprocess.Popen] = None
+        self.tunnel: Optional[subprocess.Popen] = None
+        self.stop_reason: Optional[str] = None
+        self.stop_signal: Optional[int] = None
+
+    # (1) GPU preflight
+    def preflight(self) -> Optional[dict]:
+        pf = self.plan.preflight
+        if not pf.enabled:
+            return None
+        try:
+            from hpcfed.gpu.preflight import run_preflight
+        except ImportError:
+            log("GPU preflight: hpcfed.gpu.preflight not installed; skipped")
+            return None
+        report = run_preflight(pf.min_memory_mib, pf.allow_without_nvml)
+        log(f"GPU preflight passed: {json.dumps(report, sort_keys=True, default=str)}")
+        return report
+
+    # (2) tunnel
+    def start_tunnel(self) -> None:
+        t = self.plan.tunnel
+        if t is None:
+            return
+        ready = self.workdir / f"tunnel-{self.job_id}.ready"
+        ready.unlink(missing_ok=True)
+        argv = [sys.executable, "-m", "hpcfed", "tunnel", "up", "--config", t.config]
+        for f in t.local_forwards:
+            argv += ["-L", f]
+        for f in t.remote_forwards:
+            argv += ["-R", f]
+        argv += ["--ready-file", str(ready)]
+        log(f"starting tunnel: {' '.join(argv[1:])}")
+        self.tunnel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + t.ready_timeout
+        while not ready.exists():
+            code = self.tunnel.poll()
+            if code is not None:
+                raise TunnelError(f"tunnel exited with code {code} before it was ready (see above)")
+            if time.monotonic() > deadline:
+                raise TunnelError(f"tunnel not ready after {t.ready_timeout}s")
+            time.sleep(0.2)
+        log("tunnel is up")
+
+    # (3) workspace
+    def workspace(self) -> Path:
+        if not self.plan.kit:
+            return self.workdir
+        try:
+            from hpcfed.kit.workspace import prepare_workspace
+        except ImportError:
+            raise KitError("the plan has a kit but hpcfed.kit.workspace is not installed") from None
+        ws = prepare_workspace(self.plan.kit, str(self.workdir), self.plan.role, self.plan.resources.gpus)
+        log(f"workspace: {ws}")
+        return Path(ws)
+
+    # (4) the role
+    def role_argv(self, ws: Path) -> Tuple[List[str], Dict[str, str]]:
+        command = list(self.plan.command)
+        if not self.plan.image:
+            return command, {}
+        try:
+            from hpcfed.container.apptainer import exec_argv
+        except ImportError:
+            raise HpcfedError("the plan has an image but hpcfed.container is not installed") from None
+        c = self.plan.container
+        gpu_flag = c.gpu_flag if self.plan.resources.gpus > 0 else None
+        argv, env = exec_argv(
+            apptainer=c.apptainer, image=self.plan.image, command=command, gpu_flag=gpu_flag,
+            binds=list(c.binds), kit_dir=self.plan.kit, workspace=str(ws), env={},
+            hosts_file=None,
+        )
+        return list(argv), dict(env)
+
+    def start_role(self, ws: Path) -> None:
+        argv, extra_env = self.role_argv(ws)
+        env = dict(os.environ)
+        env.update(extra_env)
+        env["HPCFED_DEPLOYMENT"] = self.plan.name
+        log(f"starting {self.plan.framework} {self.plan.role} in {ws}: {' '.join(argv)}")
+        # Own process group: signals go to the role and everything it started.
+        self.role = subprocess.Popen(argv, cwd=str(ws), env=env, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+
+    # (5) signals
+    def on_signal(self, signum, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.stop_reason is None:
+            user_sig = f"SIG{self.plan.preemption.signal}"
+            if name == user_sig:
+                self.stop_reason = f"{name}: preemption or time limit ahead"
+            else:
+                self.stop_reason = f"{name}: job is being stopped"
+            self.stop_signal = signum
+            log(f"received {self.stop_reason}; stopping the role")
+
+    def stop_role(self) -> None:
+        if self.role is None or self.role.poll() is not None:
+            return
+        grace = self.plan.preemption.grace
+        if self.plan.stop_command:
+            log(f"graceful stop: {' '.join(self.plan.stop_command)}")
+            try:
+                subprocess.run(list(self.plan.stop_command), cwd=str(self.workdir),
+                               timeout=max(1, grace // 2), stdin=subprocess.DEVNULL)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                log(f"graceful stop failed: {exc}")
+            if self._wait_role(max(1, grace // 2)):
+                return
+        log("sending SIGTERM to the role")
+        self._signal_role(signal.SIGTERM)
+        if self._wait_role(grace):
+            return
+        log(f"role still running after {grace}s; SIGKILL")
+        self._signal_role(signal.SIGKILL)
+        self.role.wait()
+
+    def _signal_role(self, sig) -> None:
+        try:
+            os.killpg(self.role.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def _wait_role(self, seconds: float) -> bool:
+        try:
+            self.role.wait(timeout=seconds)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+
+    def stop_tunnel(self) -> None:
+        if self.tunnel is None or self.tunnel.poll() is not None:
+            return
+        self.tunnel.terminate()
+        try:
+            self.tunnel.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.tunnel.kill()
+
+    # (6) report
+    def report(self, code: int, reason: str) -> None:
+        record = {
+            "job_id": self.job_id, "restart": self.restart, "exit_code": code, "reason": reason,
+            "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        path = self.workdir / f"status-{self.job_id}.json"
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
+        os.replace(tmp, path)
+        log(f"role ended: exit code {code} ({reason})")
+
+    def run(self) -> int:
+        log(f"deployment {self.plan.name} ({self.plan.deployment_id}) job {self.job_id} "
+            f"restart {self.restart} on {os.uname().nodename}; "
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
+        for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, f"SIG{self.plan.preemption.signal}")}:
+            signal.signal(sig, self.on_signal)
+        try:
+            try:
+                self.preflight()
+            except GpuPreflightFailed as exc:
+                self.report(EXIT_PREFLIGHT, f"GPU preflight failed: {exc}")
+                return EXIT_PREFLIGHT
+            try:
+                self.start_tunnel()
+            except TunnelError as exc:
+                self.report(EXIT_TUNNEL, str(exc))
+                return EXIT_TUNNEL
+            if self.stop_reason:
+                self.report(143, self.stop_reason)
+                return 143
+            try:
+                ws = self.workspace()
+                self.start_role(ws)
+            except HpcfedError as exc:
+                self.report(exc.exit_code, str(exc))
+                return exc.exit_code
+            while self.role.poll() is None:
+                if self.stop_reason:
+                    self.stop_role()
+                    break
+                if self.tunnel is not None and self.tunnel.poll() is not None:
+                    log(f"tunnel exited with code {self.tunnel.returncode}; stopping the role")
+                    self.stop_reason = "tunnel lost"
+                    self.stop_role()
+                    break
+                time.sleep(0.2)
+            code = self.role.wait()
+            if code < 0:  # killed by a signal: report it the shell's way
+                code = 128 - code
+            self.report(code, self.stop_reason or "role exited")
+            return code
+        finally:
+            self.stop_tunnel()
+
+
+def run_plan(plan_path: str) -> int:
+    path = Path(plan_path).resolve()
+    plan = Plan.from_json(path.read_text())
+    return Supervisor(plan, path.parent).run()
