@@ -1,0 +1,1 @@
+"""GPUs: which ones Slurm gave the job (assignment.py), and whether they can be trusted (preflight.py)."""
