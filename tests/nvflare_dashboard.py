@@ -39,6 +39,7 @@ class Dashboard:
     admin_password: str
     web_root: str
     proc: subprocess.Popen
+    passphrase: str = ""  # NVFL_DASHBOARD_PP: encrypts the root-CA key in the database
     fl_port: int = 0
     users: dict = field(default_factory=dict)  # email -> password
     orgs: dict = field(default_factory=dict)  # email -> organisation
@@ -101,6 +102,18 @@ class Dashboard:
     def freeze(self) -> None:
         self.call("PATCH", "/project", self.admin(), json={"frozen": True}).raise_for_status()
 
+    def root_ca_key(self):
+        """The federation's root-CA private key, from the dashboard's database (tests only: lets a
+        test sign a kit the way NVFlare <= 2.7 did, with this very root)."""
+        import sqlite3
+
+        from cryptography.hazmat.primitives import serialization
+
+        with sqlite3.connect(os.path.join(self.web_root, "db.sqlite")) as db:
+            (pem,) = db.execute("select root_key from project").fetchone()
+        pem = pem.encode() if isinstance(pem, str) else pem
+        return serialization.load_pem_private_key(pem, password=self.passphrase.encode())
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -119,19 +132,21 @@ def start_dashboard(timeout: float = 60) -> Dashboard:
     web_root = tempfile.mkdtemp(prefix="hpcfed-dashboard-")
     port = free_port()
     admin_password = secrets.token_hex(12)
+    passphrase = secrets.token_hex(16)
     env = dict(os.environ)
     env.update(
         NVFL_WEB_ROOT=web_root,
         NVFL_CREDENTIAL=f"{ADMIN_EMAIL}:{admin_password}:fedadmin",
         SECRET_KEY=secrets.token_hex(32),  # fixed for this process: tokens stay valid
-        NVFL_DASHBOARD_PP=secrets.token_hex(16),
+        NVFL_DASHBOARD_PP=passphrase,
     )
     dash_dir = os.path.join(os.path.dirname(nvflare.__file__), "dashboard")
     argv = [sys.executable, "-m", "gunicorn", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{port}",
             "--pythonpath", dash_dir, "nvflare.dashboard.wsgi:app"]
     log = open(os.path.join(web_root, "gunicorn.log"), "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=web_root)
-    dash = Dashboard(url=f"http://127.0.0.1:{port}", admin_password=admin_password, web_root=web_root, proc=proc)
+    dash = Dashboard(url=f"http://127.0.0.1:{port}", admin_password=admin_password, web_root=web_root, proc=proc,
+                     passphrase=passphrase)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:

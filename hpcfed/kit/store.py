@@ -134,7 +134,7 @@ def install_kit(
     """Move an unpacked, already verified kit into place and make it current (see module doc)."""
     base = _site_dir(facts.federation, facts.role, site)
     versions = paths.private_mkdir(base / "versions")
-    for parent in (base.parent, base.parent.parent, kits_dir()):
+    for parent in (base, base.parent, base.parent.parent, kits_dir()):
         os.chmod(parent, 0o700)
     now = dt.datetime.now(dt.timezone.utc)
     meta = {
