@@ -357,3 +357,12 @@ def test_kit_help_has_examples():
     for args in (("kit",), ("kit", "pull"), ("kit", "verify"), ("kit", "list"), ("kit", "show"), ("kit", "use")):
         proc = hpcfed(*args, "--help")
         assert proc.returncode == 0 and "Example" in proc.stdout, args
+
+
+def test_unreachable_dashboard_is_one_clear_line(data_home):
+    from nvflare_dashboard import free_port
+
+    env = dict(data_home, HPCFED_DASHBOARD_PASSWORD="x")
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = hpcfed("kit", "pull", "--dashboard", url, "--user", ALICE, "--site", "site-1", env=env)
+    assert_refused(proc, 6, "cannot reach the dashboard", url)
