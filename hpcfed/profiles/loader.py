@@ -105,7 +105,10 @@ def env_layer(environ: Mapping[str, str]) -> Optional[Layer]:
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or len(var) == len(ENV_PREFIX):
             continue
-        keys = [k.lower() for k in var[len(ENV_PREFIX):].split("__")]
+        raw_keys = var[len(ENV_PREFIX):].split("__")
+        keys = [k.lower() for k in raw_keys]
+        if keys[:2] == ["scheduler", "env"]:  # variable names keep their case
+            keys = keys[:2] + raw_keys[2:]
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -201,12 +204,13 @@ def load_site(
     try:
         profile = SiteProfile.model_validate(merged)
     except Exception as exc:  # pydantic.ValidationError
-        raise ConfigError(_one_line(exc, provenance, layers[-1].source)) from None
+        raise ConfigError(_one_line(exc, provenance, [layer.source for layer in layers])) from None
     files = tuple(layer.source for layer in layers if layer.source not in ("environment", "flags"))
     return LoadedSite(name=name, profile=profile, provenance=provenance, files=files)
 
 
-def _one_line(exc: Exception, provenance: Mapping[str, str], fallback: str) -> str:
+def _one_line(exc: Exception, provenance: Mapping[str, str], order: List[str]) -> str:
+    fallback = order[-1]
     errors = getattr(exc, "errors", None)
     if not errors:
         return f"{fallback}: {exc}"
@@ -220,6 +224,10 @@ def _one_line(exc: Exception, provenance: Mapping[str, str], fallback: str) -> s
             source = provenance[key]
             break
         key = key.rpartition(".")[0]
+    # An error about a whole section (e.g. two keys that disagree) names the latest file in it.
+    inner = [provenance[k] for k in provenance if k.startswith(dotted + ".")] if dotted else []
+    if inner:
+        source = max(inner, key=lambda src: order.index(src) if src in order else -1)
     kind = err.get("type", "")
     value = err.get("input")
     if kind == "extra_forbidden":
