@@ -1,0 +1,168 @@
+"""Submitting from a "laptop" over SSH (paramiko) to a real OpenSSH server on loopback whose
+user submits to the real Slurm test cluster: submit, poll, fetch logs, cancel - and host keys
+are checked, never accepted blindly."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import textwrap
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import hpcfed, need, run
+
+pytestmark = [pytest.mark.sshd, pytest.mark.slurm]
+SSHD = "/usr/sbin/sshd"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(slurm_cluster):
+    """A real sshd on 127.0.0.1:<port> letting the cluster user in with a test key."""
+    need(os.path.exists(SSHD), "OpenSSH server not installed (scripts/bootstrap.d/45-openssh.sh)")
+    d = Path(tempfile.mkdtemp(prefix="hpcfed-sshd-"))
+    os.chmod(d, 0o755)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "host_key")], check=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / "client_key")], check=True)
+    shutil.copy(d / "client_key.pub", d / "authorized_keys")
+    os.chmod(d / "authorized_keys", 0o644)
+    port = free_port()
+    (d / "sshd_config").write_text(textwrap.dedent(f"""\
+        Port {port}
+        ListenAddress 127.0.0.1
+        HostKey {d}/host_key
+        PidFile {d}/sshd.pid
+        AuthorizedKeysFile {d}/authorized_keys
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        UsePAM yes
+        StrictModes no
+        PermitRootLogin no
+        AllowUsers {slurm_cluster.user}
+        Subsystem sftp internal-sftp
+        LogLevel VERBOSE
+        """))
+    os.makedirs("/run/sshd", exist_ok=True)
+    log = open(d / "sshd.log", "w")
+    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
+            time.sleep(0.1)
+    host_pub = (d / "host_key.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    yield {"dir": d, "port": port}
+    proc.terminate()
+    proc.wait(timeout=10)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture()
+def laptop(sshd, tmp_path, slurm_cluster):
+    """A laptop user: its own config/state, a site profile that reaches the cluster over SSH."""
+    env = {"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "XDG_STATE_HOME": str(tmp_path / "state")}
+    sites = tmp_path / "cfg" / "hpcfed" / "sites"
+    sites.mkdir(parents=True)
+
+    def site(name, known_hosts):
+        (sites / f"{name}.yaml").write_text(textwrap.dedent(f"""\
+            extends: local
+            scheduler:
+              connect: ssh
+              ssh:
+                host: 127.0.0.1
+                port: {sshd['port']}
+                user: {slurm_cluster.user}
+                key: {sshd['dir']}/client_key
+                known_hosts: {known_hosts}
+            """))
+
+    site("viassh", sshd["dir"] / "known_hosts")
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    site("unknownhost", empty)
+    wrong = tmp_path / "wrong_known_hosts"
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "other")], check=True)
+    other = (tmp_path / "other.pub").read_text().split()
+    wrong.write_text(f"[127.0.0.1]:{sshd['port']} {other[0]} {other[1]}\n")
+    site("wronghost", wrong)
+    return env
+
+
+@pytest.mark.timeout(240)
+def test_submit_poll_logs_cancel_over_ssh(laptop, slurm_cluster):
+    name = f"ssh-{uuid.uuid4().hex[:6]}"
+    cmd = 'echo "GPUS=$CUDA_VISIBLE_DEVICES USER=$(id -un)"; sleep 300'
+    proc = hpcfed("submit", "client", "--site", "viassh", "--gpus", "2", "--name", name,
+                  "--command", cmd, "--json", env=laptop)
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    assert "127.0.0.1" in proc.stderr  # progress says where it went
+
+    # The job belongs to the remote user, not the laptop's.
+    owner = run(["squeue", "--noheader", "--jobs", job_id, "--format=%u"]).stdout.strip()
+    assert owner == slurm_cluster.user
+
+    deadline = time.monotonic() + 60
+    while True:
+        proc = hpcfed("status", name, "--json", env=laptop)
+        assert proc.returncode == 0, proc.stderr
+        dep = json.loads(proc.stdout)["deployments"][0]
+        if dep["job_state"] == "RUNNING":
+            break
+        assert time.monotonic() < deadline, dep
+        time.sleep(0.5)
+
+    deadline = time.monotonic() + 30
+    while True:
+        log = hpcfed("logs", name, env=laptop).stdout  # fetched over SFTP
+        if "GPUS=" in log:
+            break
+        assert time.monotonic() < deadline, log
+        time.sleep(0.5)
+    line = [l for l in log.splitlines() if l.startswith("GPUS=")][0]
+    assert len(line.split()[0][5:].split(",")) == 2 and f"USER={slurm_cluster.user}" in line
+
+    proc = hpcfed("cancel", name, env=laptop)
+    assert proc.returncode == 0, proc.stderr
+    deadline = time.monotonic() + 60
+    while True:
+        dep = json.loads(hpcfed("status", name, "--json", env=laptop).stdout)["deployments"][0]
+        if dep["job_state"] not in ("RUNNING", "COMPLETING", "PENDING"):
+            break
+        assert time.monotonic() < deadline, dep
+        time.sleep(0.5)
+    assert dep["state"] == "STOPPED"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("site,message", [
+    ("unknownhost", "unknown host key"),
+    ("wronghost", "host key does NOT match"),
+])
+def test_host_keys_are_checked(laptop, site, message):
+    name = f"hk-{uuid.uuid4().hex[:6]}"
+    before = run(["squeue", "--noheader", "--format=%i"]).stdout
+    proc = hpcfed("submit", "client", "--site", site, "--gpus", "0", "--name", name,
+                  "--command", "true", env=laptop)
+    assert proc.returncode == 7, proc.stderr
+    assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
+    assert run(["squeue", "--noheader", "--format=%i"]).stdout == before  # nothing submitted
+    assert hpcfed("status", name, env=laptop).returncode == 8  # nothing recorded
