@@ -22,7 +22,7 @@ from typing import Optional
 import requests
 
 ADMIN_EMAIL = "admin@fed.test"
-API = "/nvflare-dashboard/api/v1"
+API_BASES = ("/nvflare-dashboard/api/v1", "/api/v1")  # NVFlare 2.6+, 2.5 and older
 
 
 def free_port() -> int:
@@ -41,30 +41,30 @@ class Dashboard:
     proc: subprocess.Popen
     passphrase: str = ""  # NVFL_DASHBOARD_PP: encrypts the root-CA key in the database
     fl_port: int = 0
+    api: str = API_BASES[0]
     users: dict = field(default_factory=dict)  # email -> password
     orgs: dict = field(default_factory=dict)  # email -> organisation
 
     # --- REST helpers (the browser's calls) -----------------------------------------------
     def login(self, email: str, password: str) -> str:
-        r = requests.post(self.url + API + "/login", json={"email": email, "password": password}, timeout=30)
+        r = requests.post(self.url + self.api + "/login", json={"email": email, "password": password}, timeout=30)
         r.raise_for_status()
         return r.json()["access_token"]
 
     def call(self, method: str, path: str, token: Optional[str] = None, **kw) -> requests.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.request(method, self.url + API + path, headers=headers, timeout=60, **kw)
+        return requests.request(method, self.url + self.api + path, headers=headers, timeout=60, **kw)
 
     def admin(self) -> str:
         return self.login(ADMIN_EMAIL, self.admin_password)
 
     def setup_project(self, short_name: str, server: str = "localhost", fl_port: Optional[int] = None) -> None:
         self.fl_port = fl_port or free_port()
-        body = {
-            "short_name": short_name,
-            "title": f"{short_name} test federation",
-            "server1": server,
-            "server_props": {"fed_learn_port": self.fl_port, "admin_port": self.fl_port},
-        }
+        body = {"short_name": short_name, "title": f"{short_name} test federation", "server1": server}
+        if self.api == API_BASES[0]:
+            body["server_props"] = {"fed_learn_port": self.fl_port, "admin_port": self.fl_port}
+        else:  # 2.5 and older: ports are fixed
+            self.fl_port = 8002
         r = self.call("PATCH", "/project", self.admin(), json=body)
         r.raise_for_status()
 
@@ -125,10 +125,12 @@ class Dashboard:
         shutil.rmtree(self.web_root, ignore_errors=True)
 
 
-def start_dashboard(timeout: float = 60) -> Dashboard:
-    """Start a fresh dashboard (new database, so a new root CA) on a free loopback port."""
-    import nvflare
+def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> Dashboard:
+    """Start a fresh dashboard (new database, so a new root CA) on a free loopback port.
 
+    `nvflare_root`: a folder holding another nvflare version's package (pip install --no-deps
+    --target), run with this venv's Flask & co; default: the installed nvflare.
+    """
     web_root = tempfile.mkdtemp(prefix="hpcfed-dashboard-")
     port = free_port()
     admin_password = secrets.token_hex(12)
@@ -140,7 +142,13 @@ def start_dashboard(timeout: float = 60) -> Dashboard:
         SECRET_KEY=secrets.token_hex(32),  # fixed for this process: tokens stay valid
         NVFL_DASHBOARD_PP=passphrase,
     )
-    dash_dir = os.path.join(os.path.dirname(nvflare.__file__), "dashboard")
+    if nvflare_root:
+        env["PYTHONPATH"] = nvflare_root
+        dash_dir = os.path.join(nvflare_root, "nvflare", "dashboard")
+    else:
+        import nvflare
+
+        dash_dir = os.path.join(os.path.dirname(nvflare.__file__), "dashboard")
     argv = [sys.executable, "-m", "gunicorn", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{port}",
             "--pythonpath", dash_dir, "nvflare.dashboard.wsgi:app"]
     log = open(os.path.join(web_root, "gunicorn.log"), "wb")
@@ -151,11 +159,13 @@ def start_dashboard(timeout: float = 60) -> Dashboard:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"dashboard exited: {open(log.name, errors='replace').read()[-2000:]}")
-        try:
-            if requests.get(dash.url + API + "/project", timeout=2).ok:
-                return dash
-        except requests.RequestException:
-            pass
+        for base in API_BASES:
+            try:
+                if requests.get(dash.url + base + "/project", timeout=2).ok:
+                    dash.api = base
+                    return dash
+            except requests.RequestException:
+                pass
         time.sleep(0.2)
     dash.stop()
     raise RuntimeError("dashboard did not answer within %ss" % timeout)

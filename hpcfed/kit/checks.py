@@ -25,6 +25,7 @@ from hpcfed.errors import KitError
 
 EXPIRY_WARNING = dt.timedelta(days=30)
 SIGNATURE_FILE = "signature.json"  # NVFlare <= 2.7 signs every kit file with the root-CA key
+METADATA = "hpcfed-kit.json"  # what hpcfed adds to an installed kit (never signed by NVFlare)
 
 # role -> (config file in startup/, certificate, key)
 ROLE_FILES = {
@@ -174,7 +175,7 @@ def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> b
             report.errors.append(f"{rel}/{SIGNATURE_FILE} is not readable JSON")
             continue
         for name in sorted(files):
-            if name == SIGNATURE_FILE:
+            if name == SIGNATURE_FILE or (name == METADATA and rel == "."):
                 continue
             where = os.path.normpath(os.path.join(rel, name))
             sig = signatures.get(name)

@@ -26,9 +26,7 @@ from typing import Dict, List, Optional
 
 from hpcfed import paths
 from hpcfed.errors import ConfigError, KitError, NotFound
-from hpcfed.kit.checks import KitFacts
-
-METADATA = "hpcfed-kit.json"
+from hpcfed.kit.checks import METADATA, KitFacts
 ROLES = ("client", "server", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
 
