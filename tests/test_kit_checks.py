@@ -203,6 +203,27 @@ def test_failed_install_leaves_the_current_kit(data_home, monkeypatch):
     assert verify_kit(first.path).ok
 
 
+def test_concurrent_installs_leave_a_valid_current_and_previous(data_home):
+    import threading
+
+    kits = []
+    for n in range(6):
+        kit = make_kit(data_home / f"c{n}", fed="fedc")
+        staging = store.staging_dir() / "kit"
+        os.rename(kit, staging)
+        kits.append((staging, verify_kit(staging).facts))
+    threads = [threading.Thread(target=store.install_kit, args=(k, f), kwargs={"site": "site-1"}) for k, f in kits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    current = store.find_kit("site-1")
+    assert verify_kit(current.path).ok and current.has_previous
+    base = Path(current.path).parent.parent
+    assert (base / "previous").resolve().is_dir()
+    assert len(list((base / "versions").iterdir())) == 2
+
+
 def test_names_with_slashes_are_refused(data_home):
     from hpcfed.errors import ConfigError
 

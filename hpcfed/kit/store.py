@@ -14,7 +14,9 @@ into versions/, and only then does `current` switch, by renaming a new symlink o
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -126,6 +128,17 @@ def _swap_link(link: Path, target: str) -> None:
     os.replace(tmp, link)
 
 
+@contextlib.contextmanager
+def _locked(base: Path):
+    """One writer per site kit at a time (two pulls at once must not prune each other's version)."""
+    fd = os.open(base / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def install_kit(
     kit_root: Path, facts: KitFacts, site: str, dashboard: Optional[str] = None
 ) -> InstalledKit:
@@ -147,16 +160,17 @@ def install_kit(
     make_private(kit_root)
     _fsync_tree(kit_root)
     version = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
-    os.rename(kit_root, versions / version)
-    _fsync_dir(versions)
-    current = base / "current"
-    old = os.readlink(current) if current.is_symlink() else None
-    _swap_link(current, f"versions/{version}")
-    if old:
-        _swap_link(base / "previous", old)
-    _fsync_dir(base)
-    _prune(base)
-    return _load(base)
+    with _locked(base):
+        os.rename(kit_root, versions / version)
+        _fsync_dir(versions)
+        current = base / "current"
+        old = os.readlink(current) if current.is_symlink() else None
+        _swap_link(current, f"versions/{version}")
+        if old:
+            _swap_link(base / "previous", old)
+        _fsync_dir(base)
+        _prune(base)
+        return _load(base)
 
 
 def _prune(base: Path) -> None:
@@ -172,11 +186,12 @@ def rollback(federation: str, role: str, site: str) -> InstalledKit:
     base = _site_dir(federation, role, site)
     if not (base / "previous").is_symlink():
         raise NotFound(f"no previous {role} kit for site {site!r} of federation {federation!r} to roll back to")
-    cur, prev = os.readlink(base / "current"), os.readlink(base / "previous")
-    _swap_link(base / "current", prev)
-    _swap_link(base / "previous", cur)
-    _fsync_dir(base)
-    return _load(base)
+    with _locked(base):
+        cur, prev = os.readlink(base / "current"), os.readlink(base / "previous")
+        _swap_link(base / "current", prev)
+        _swap_link(base / "previous", cur)
+        _fsync_dir(base)
+        return _load(base)
 
 
 def _load(base: Path) -> InstalledKit:
