@@ -27,8 +27,9 @@ NO_ACCOUNTING = re.compile(r"accounting storage is disabled|Problem talking to t
                            r"slurmdbd", re.I)
 
 
-def submit_command() -> List[str]:
-    return ["sbatch", "--parsable"]  # the script comes on stdin
+def submit_command(job_name: str, comment: str) -> List[str]:
+    # Name and marker also on the command line: ownership never depends on the template.
+    return ["sbatch", "--parsable", f"--job-name={job_name}", f"--comment={comment}"]
 
 
 def parse_submit(stdout: str) -> str:
@@ -127,7 +128,7 @@ class SlurmCli:
 
     def submit(self, script: str, *, job_name: str, comment: str) -> str:
         try:
-            res = self._run(submit_command(), input=script)
+            res = self._run(submit_command(job_name, comment), input=script)  # script on stdin
         except SchedulerUnavailable as exc:
             # An sbatch that timed out may still have been accepted: look before saying no.
             try:

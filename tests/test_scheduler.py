@@ -1,0 +1,113 @@
+"""The Slurm CLI backend's parsers on canned (and malformed) output, the backend against the
+real cluster, and the deployment store under concurrent writers (as from two login nodes)."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from hpcfed.errors import SubmitRejected
+from hpcfed.scheduler import GONE
+from hpcfed.scheduler import slurm_cli as sc
+from hpcfed.state import Deployment, DeploymentStore
+from hpcfed.state.lock import lease_lock
+
+
+def test_parse_submit():
+    assert sc.parse_submit("123\n") == "123"
+    assert sc.parse_submit("456;cluster1\n") == "456"
+    with pytest.raises(SubmitRejected):
+        sc.parse_submit("sbatch: error: something\n")
+    with pytest.raises(SubmitRejected):
+        sc.parse_submit("")
+
+
+def test_parse_squeue_including_malformed_lines():
+    out = "12|RUNNING|None|hpcfed-a|node1|1:02\n13|PENDING|Resources|hpcfed-b||0:00\ngarbage\n\n"
+    jobs = sc.parse_squeue(out)
+    assert set(jobs) == {"12", "13"}
+    assert jobs["12"].state == "RUNNING" and jobs["12"].reason == "" and jobs["12"].active
+    assert jobs["13"].reason == "Resources"
+
+
+def test_parse_sacct_last_record_wins_and_states_are_normalised():
+    out = ("20|REQUEUED|None|hpcfed-a|node1|00:01:00|0:0\n"
+           "20|CANCELLED by 0|None|hpcfed-a|node2|00:00:30|0:15\n"
+           "21|PREEMPTED|None|hpcfed-b|None assigned|00:00:00|0:0\n"
+           "bad line\n")
+    jobs = sc.parse_sacct(out)
+    assert jobs["20"].state == "CANCELLED" and jobs["20"].node == "node2" and not jobs["20"].active
+    assert jobs["21"].node == ""
+
+
+def test_parse_find_matches_the_comment_marker_only():
+    out = "31|hpcfed:a:other\n32|hpcfed:a:abc\n"
+    assert sc.parse_find(out, "hpcfed:a:abc") == "32"
+    assert sc.parse_find(out, "hpcfed:a:zzz") is None
+
+
+def test_unreachable_patterns():
+    assert sc.UNREACHABLE.search("slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+    assert not sc.UNREACHABLE.search("slurm_load_jobs error: Invalid job id specified")
+
+
+@pytest.mark.slurm
+def test_query_is_batched_and_unknown_ids_are_gone(slurm_cluster):
+    from hpcfed.runner.local import LocalRunner
+
+    cli = sc.SlurmCli(LocalRunner(), env=slurm_cluster.env)
+    script = "#!/bin/sh\n#SBATCH --output=/dev/null\ntrue\n"
+    job_id = cli.submit(script, job_name="hpcfed-sched-test", comment="hpcfed:sched-test:x")
+    calls = cli.calls()
+    jobs = cli.query([job_id, "999999"])
+    # one squeue for both; one sacct for the one squeue did not know
+    assert cli.calls() - calls == 2
+    assert jobs[job_id].state in {"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CONFIGURING"}
+    assert jobs["999999"].state == GONE
+    assert cli.find("hpcfed-sched-test", "hpcfed:sched-test:x") == job_id
+    assert cli.find("hpcfed-sched-test", "hpcfed:sched-test:other") is None
+
+
+def _append_event(args):
+    root, i = args
+    store = DeploymentStore(root)
+    store.update("shared", lambda d: d.add_event("writer", str(i)))
+
+
+def test_store_survives_concurrent_read_modify_write(tmp_path):
+    """20 processes (think: several login nodes) updating one deployment lose no update."""
+    store = DeploymentStore(tmp_path / "deployments")
+    store.put(Deployment(name="shared", deployment_id="x", site="local", role="client",
+                         framework="nvflare", plan={}))
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(_append_event, [(tmp_path / "deployments", i) for i in range(20)])
+    dep = store.require("shared")
+    assert sorted(int(e["detail"]) for e in dep.events) == list(range(20))
+    # no temporary or lock files left, records private
+    left = sorted(p.name for p in (tmp_path / "deployments").iterdir())
+    assert left == ["shared.json"]
+    assert oct(os.stat(tmp_path / "deployments" / "shared.json").st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "deployments").st_mode & 0o777) == "0o700"
+
+
+def test_stale_lock_is_broken_after_its_lease(tmp_path):
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"holder": "crashed"}))
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    with lease_lock(lock, lease=60, wait=1) as token:
+        assert json.loads(lock.read_text())["holder"] == token
+    assert not lock.exists()
+
+
+def test_live_lock_is_waited_for_then_refused(tmp_path):
+    from hpcfed.errors import EnvironmentProblem
+
+    lock = tmp_path / "x.lock"
+    with lease_lock(lock, lease=60):
+        with pytest.raises(EnvironmentProblem, match="held by another hpcfed"):
+            with lease_lock(lock, lease=60, wait=0.3):
+                pass

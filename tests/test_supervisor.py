@@ -1,0 +1,106 @@
+"""The in-job supervisor: it starts the role, stops it gracefully on the warning signal (TERM,
+then KILL after the grace time), and reports the role's exit - as a process here and inside a
+real Slurm job signalled through the scheduler."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from helpers import hpcfed, run
+
+ROLE_GRACEFUL = 'trap \'echo "role got TERM"; exit 0\' TERM; echo role-started; while :; do sleep 0.1; done'
+ROLE_STUBBORN = 'trap \'echo "role ignores TERM"\' TERM; echo role-started; while :; do sleep 0.1; done'
+
+
+def make_plan(tmp_path, command, grace="2s"):
+    from hpcfed.frameworks import role
+    from hpcfed.plan import build_plan
+    from hpcfed.profiles import load_site
+
+    site = load_site("local", environ={"HPCFED_SITE__PREEMPTION__GRACE": grace})
+    plan = build_plan(site=site, role=role("nvflare", "client"), name="sup", deployment_id="d1",
+                      user="u", gpus=0, command=command)
+    path = tmp_path / "plan.json"
+    path.write_text(plan.to_json())
+    return path
+
+
+def start(plan_path, env=None):
+    return subprocess.Popen([sys.executable, "-m", "hpcfed", "job", "run", str(plan_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(__import__("os").environ, SLURM_JOB_ID="777", **(env or {})))
+
+
+def wait_started(proc):
+    for line in proc.stdout:
+        if line.strip() == "role-started":  # not the log line quoting the command
+            return
+    pytest.fail("role never started")
+
+
+@pytest.mark.timeout(60)
+def test_user_signal_stops_the_role_gracefully(tmp_path):
+    plan = make_plan(tmp_path, ROLE_GRACEFUL)
+    proc = start(plan)
+    wait_started(proc)
+    proc.send_signal(signal.SIGUSR2)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=30) == 0
+    assert "received SIGUSR2: preemption or time limit ahead" in out
+    assert "sending SIGTERM to the role" in out and "role got TERM" in out
+    report = json.loads((tmp_path / "status-777.json").read_text())
+    assert report["exit_code"] == 0 and report["reason"].startswith("SIGUSR2")
+
+
+@pytest.mark.timeout(60)
+def test_a_role_ignoring_term_is_killed_after_the_grace_time(tmp_path):
+    plan = make_plan(tmp_path, ROLE_STUBBORN, grace="2s")
+    proc = start(plan)
+    wait_started(proc)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out = proc.stdout.read()
+    code = proc.wait(timeout=30)
+    assert "role ignores TERM" in out and "SIGKILL" in out
+    assert code == 137  # 128 + KILL
+    assert 1.5 < time.monotonic() - t0 < 15
+
+
+@pytest.mark.timeout(30)
+def test_role_exit_code_becomes_the_job_exit_code(tmp_path):
+    plan = make_plan(tmp_path, "echo role-started; exit 3")
+    proc = start(plan)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=20) == 3
+    assert "role ended: exit code 3 (role exited)" in out
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_warning_signal_through_slurm_reaches_the_supervisor(slurm_cluster):
+    name = f"sig-{uuid.uuid4().hex[:6]}"
+    proc = hpcfed("submit", "client", "--site", "local", "--gpus", "0", "--name", name,
+                  "--command", ROLE_GRACEFUL, "--json", user=slurm_cluster.user)
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    log = ""
+    deadline = time.monotonic() + 60
+    while "\nrole-started" not in log:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.5)
+        log = hpcfed("logs", name, user=slurm_cluster.user).stdout
+    # what Slurm does ahead of preemption/time limit with --signal=B:USR2@lead
+    assert run(["scancel", "--batch", "--signal=USR2", job_id]).returncode == 0
+    deadline = time.monotonic() + 60
+    while "role ended" not in log:
+        assert time.monotonic() < deadline, log
+        time.sleep(0.5)
+        log = hpcfed("logs", name, user=slurm_cluster.user).stdout
+    assert "received SIGUSR2" in log and "role got TERM" in log
+    hpcfed("cancel", name, user=slurm_cluster.user)
