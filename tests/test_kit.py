@@ -216,6 +216,16 @@ def test_register_creates_the_site_with_its_gpu_capacity(dashboard, data_home):
     assert pull_ok(dashboard, data_home, "--site", "site-new")["gpu_capacity"] == 3
 
 
+def test_register_takes_gpu_capacity_from_the_site_profile(dashboard, data_home):
+    from hpcfed.profiles.loader import load_site
+
+    expected = load_site("local").profile.gpus.max_per_node  # the bundled test-cluster profile
+    proc = pull(dashboard, data_home, "--site", "site-prof", "--register", "--profile", "local")
+    assert_refused(proc, 6, "site-prof", "waits for approval")
+    sites = {s["name"]: s for s in dashboard.call("GET", "/clients", dashboard.admin()).json()["client_list"]}
+    assert sites["site-prof"]["capacity"]["num_of_gpus"] == expected
+
+
 def test_no_password_source_is_a_clear_error_not_a_prompt(dashboard, data_home):
     env = dict(data_home, HPCFED_DASHBOARD_PASSWORD="")
     proc = hpcfed("kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", env=env)
