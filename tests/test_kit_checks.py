@@ -232,6 +232,16 @@ def test_names_with_slashes_are_refused(data_home):
 
 
 # --- workspace ----------------------------------------------------------------------------------
+def test_prepare_workspace_refuses_an_expired_kit(tmp_path):
+    from hpcfed.kit.workspace import prepare_workspace
+
+    kit = make_kit(tmp_path / "k", days=-0.5)  # valid since yesterday, expired 12 hours ago
+    with pytest.raises(KitError, match="client.crt expired on"):
+        prepare_workspace(str(kit), str(tmp_path / "job"), "client", gpus=0)
+    ok = make_kit(tmp_path / "k2", gpus=1)
+    assert Path(prepare_workspace(str(ok), str(tmp_path / "job2"), "client", gpus=1)).is_dir()
+
+
 def test_gpu_capacity_rule():
     check_gpu_capacity(None, 0)
     check_gpu_capacity(2, 4)  # fewer declared than given: harmless

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 
 from hpcfed.errors import KitError
-from hpcfed.kit.checks import ROLE_FILES, detect_role, gpu_capacity
+from hpcfed.kit.checks import ROLE_FILES, detect_role, gpu_capacity, require_ok, verify_kit
 from hpcfed.kit.store import METADATA, make_private
 
 STORAGE = "storage"  # <workspace>/storage/{jobs,snapshot}: the server's state, kept across requeues
@@ -73,6 +73,9 @@ def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int) -> str:
         raise KitError(f"{kit_dir} is not an NVFlare startup kit (no startup/{ROLE_FILES[role][0]})")
     if found != role:
         raise KitError(f"{kit_dir} is a {found} kit, but this job runs the {role} role")
+    # checked at pull time too, but a job may start months later: an expired certificate or a
+    # swapped key must stop the job here, not make NVFlare fail quietly
+    require_ok(verify_kit(kit), f"the kit in {kit_dir}")
     if role == "client":
         check_gpu_capacity(gpu_capacity(kit), gpus, f"the kit in {kit_dir}")
 
