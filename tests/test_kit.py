@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,6 +149,10 @@ def test_pull_client_server_and_admin_kits_installs_them_private(dashboard, data
         ("site-1", "client"), ("hub", "server"), ("admin@fed.test", "admin")}
     shown = json.loads(hpcfed("kit", "show", "site-1", "--json", env=data_home).stdout)
     assert shown["path"] == client["path"]
+    # a dashboard site name that differs from the hpcfed site (profile) name
+    aliased = pull_ok(dashboard, data_home, "--site", "site-2", "--as", "ohsu")
+    assert (aliased["site"], aliased["name"]) == ("ohsu", "site-2")
+    assert json.loads(hpcfed("kit", "show", "ohsu", "--json", env=data_home).stdout)["path"] == aliased["path"]
     proc = hpcfed("kit", "verify", client["path"], "--site", "site-1", "--json", env=data_home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
@@ -378,7 +383,7 @@ def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(dashboard, 
     server = pull_ok(dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test")
     srv_ws = Path(prepare_workspace(server["path"], str(tmp_path / "srv"), "server", gpus=0))
     cli_ws = Path(prepare_workspace(client["path"], str(tmp_path / "cli"), "client", gpus=0))
-    env = dict(os.environ, PATH=f"{os.path.dirname(os.sys.executable)}:{os.environ['PATH']}")
+    env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
     env.pop("NVFL_WORKSPACE", None)
     procs = []
     try:

@@ -81,14 +81,17 @@ def _human_kit(k: dict) -> None:
 @click.option("--user", "email", envvar="HPCFED_DASHBOARD_USER", required=True, metavar="EMAIL",
               help="Your dashboard login e-mail (env HPCFED_DASHBOARD_USER).")
 @click.option("--site", metavar="NAME", help="Client: the site's dashboard name. Server/admin: name to store the kit under.")
+@click.option("--as", "store_as", metavar="SITE",
+              help="Store the kit for this hpcfed site (profile) name instead of --site, e.g. when the "
+                   "dashboard calls the site differently.")
 @click.option("--role", type=ROLE, default="client", show_default=True)
 @click.option("--org", metavar="ORG", help="Organisation for --register (default: your account's).")
 @click.option("--register", is_flag=True, help="Register the site first if the dashboard does not know it.")
 @click.option("--gpus", type=click.IntRange(0), help="GPU capacity to register (default: the site profile's gpus.max_per_node).")
-@click.option("--profile", metavar="SITE", help="Site profile to take the GPU capacity from (default: --site).")
+@click.option("--profile", metavar="SITE", help="Site profile to take the GPU capacity from (default: --as, else --site).")
 @click.option("--repin", is_flag=True, help="Accept a new root CA for this federation (only after the admin confirms it changed).")
 @json_option
-def pull(url, email, site, role, org, register, gpus, profile, repin, as_json):
+def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, as_json):
     """Download, check and install the startup kit for a site.
 
     The password comes from HPCFED_DASHBOARD_PASSWORD, the keyring, or a prompt. The download
@@ -100,17 +103,18 @@ def pull(url, email, site, role, org, register, gpus, profile, repin, as_json):
       hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site site-1
       hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site site-1 --register --gpus 4
       hpcfed kit pull --dashboard https://flare.example.org --user admin@lab.org --role server --site hub
+      hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site ohsu-gpu-1 --as ohsu
     """
     from hpcfed.kit.pull import PullPlan, pull_kit
 
     mem = 0
     if register and gpus is None:
-        capacity = _profile_capacity(profile or site or "")
+        capacity = _profile_capacity(profile or store_as or site or "")
         if capacity is None:
             raise ConfigError(f"--register needs --gpus N (no site profile {profile or site!r} to take it from)")
         gpus, mem = capacity
     plan = PullPlan(dashboard=url, site=site, role=role, email=email, org=org, register=register,
-                    gpus=gpus, mem_per_gpu_gib=mem, repin=repin)
+                    gpus=gpus, mem_per_gpu_gib=mem, repin=repin, store_as=store_as)
     result = pull_kit(plan, _password(url, email), progress=progress)
     for warning in result.report.warnings:
         progress(f"warning: {warning}")

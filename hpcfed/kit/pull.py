@@ -32,6 +32,7 @@ class PullPlan:
     gpus: Optional[int] = None  # capacity to register with
     mem_per_gpu_gib: int = 0
     repin: bool = False
+    store_as: Optional[str] = None  # the hpcfed site name to store the kit under, if not --site
 
 
 @dataclass(frozen=True)
@@ -109,12 +110,12 @@ def pull_kit(plan: PullPlan, password: str, progress: Progress = lambda m: None)
                     f"site {plan.site!r} is registered and waits for approval: ask the project admin to "
                     f"approve it at {dash.url}, then run this pull again (without --register)"
                 )
-        expected, label = plan.site, plan.site
+        expected, label = plan.site, plan.store_as or plan.site
     elif plan.role == "server":
         expected = project.get("server1") or None
-        label = plan.site or expected
+        label = plan.store_as or plan.site or expected
     else:
-        expected, label = login.email, plan.site or login.email
+        expected, label = login.email, plan.store_as or plan.site or login.email
     if not label:
         raise KitError(f"cannot tell which name to store the {plan.role} kit under: pass --site NAME")
     store.check_name("site", label)
