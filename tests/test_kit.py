@@ -424,28 +424,27 @@ def test_unreachable_dashboard_is_one_clear_line(data_home):
     assert_refused(proc, 6, "cannot reach the dashboard", url)
 
 
-def test_non_root_user_pulls_into_their_own_private_data_dir(dashboard):
-    """Jobs run as the researcher, not root: the kit must install and be found as that user."""
+@pytest.mark.slurm
+def test_non_root_user_pulls_into_their_own_private_data_dir(dashboard, slurm_cluster):
+    """Jobs run as the researcher, not root: the kit must install and be found as that user
+    (the test cluster's non-root user, who submits the jobs)."""
     import pwd
     import tempfile
 
-    need(os.geteuid() == 0, "needs root to run a command as another user")
-    try:
-        pw = pwd.getpwnam("hpcuser")
-    except KeyError:
-        need(False, "the test cluster's non-root user hpcuser does not exist")
+    user = slurm_cluster.user
+    pw = pwd.getpwnam(user)
     home = tempfile.mkdtemp(prefix="hpcfed-kit-user-")
     try:
         os.chown(home, pw.pw_uid, pw.pw_gid)
         env = {"XDG_DATA_HOME": os.path.join(home, "data"), "HPCFED_DASHBOARD_PASSWORD": dashboard.users[ALICE]}
         proc = hpcfed("kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", "--json",
-                      env=env, user="hpcuser")
+                      env=env, user=user)
         assert proc.returncode == 0, proc.stderr
         kit = Path(json.loads(proc.stdout)["path"])
         key = kit / "startup" / "client.key"
         assert (key.stat().st_uid, stat.S_IMODE(key.stat().st_mode)) == (pw.pw_uid, 0o600)
         assert_private(Path(home) / "data" / "hpcfed" / "kits")
-        proc = hpcfed("kit", "show", "site-1", "--json", env=env, user="hpcuser")
+        proc = hpcfed("kit", "show", "site-1", "--json", env=env, user=user)
         assert proc.returncode == 0 and json.loads(proc.stdout)["path"] == str(kit)
     finally:
         shutil.rmtree(home, ignore_errors=True)
