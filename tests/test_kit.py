@@ -187,6 +187,13 @@ def test_site_not_approved_is_refused_with_what_to_do(dashboard, data_home):
     assert not kits_dir(data_home).exists() or installed(data_home) == []
 
 
+def test_account_not_approved_is_refused_with_what_to_do(dashboard, data_home):
+    dashboard.add_user("bob@orgb.test", "orgb", approve=False)
+    proc = pull(dashboard, data_home, "--site", "site-1", email="bob@orgb.test")
+    assert_refused(proc, 6, "account bob@orgb.test is not approved yet", "ask the project admin")
+    assert installed(data_home) == []
+
+
 def test_project_not_frozen_is_refused(data_home):
     dash = start_dashboard()
     try:
