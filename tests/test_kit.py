@@ -250,6 +250,8 @@ def test_changed_root_after_pinning_is_refused_until_repin(dashboard, other_dash
     proc = pull(other_dashboard, data_home, "--site", "site-1")
     assert_refused(proc, 6, "root CA of federation 'fedtest' changed", first["root_fingerprint"], "--repin")
     assert [k["path"] for k in installed(data_home)] == [first["path"]]
+    assert not any((kits_dir(data_home) / ".staging").iterdir()), "a refused kit was left on disk"
+    assert len(list(Path(first["path"]).parent.iterdir())) == 1
     again = pull_ok(other_dashboard, data_home, "--site", "site-1", "--repin")
     assert again["pinned"] == "replaced" and again["root_fingerprint"] != first["root_fingerprint"]
 
