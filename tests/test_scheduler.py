@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import time
+import uuid
 
 import pytest
 
@@ -44,8 +45,8 @@ def test_parse_sacct_last_record_wins_and_states_are_normalised():
 
 
 def test_parse_find_matches_the_comment_marker_only():
-    out = "31|hpcfed:a:other\n32|hpcfed:a:abc\n"
-    assert sc.parse_find(out, "hpcfed:a:abc") == "32"
+    out = "31|hpcfed:a:other\n32|hpcfed:a:abc\n104|hpcfed:a:abc\n"
+    assert sc.parse_find(out, "hpcfed:a:abc") == "104"  # the newest
     assert sc.parse_find(out, "hpcfed:a:zzz") is None
 
 
@@ -60,14 +61,15 @@ def test_query_is_batched_and_unknown_ids_are_gone(slurm_cluster):
 
     cli = sc.SlurmCli(LocalRunner(), env=slurm_cluster.env)
     script = "#!/bin/sh\n#SBATCH --output=/dev/null\ntrue\n"
-    job_id = cli.submit(script, job_name="hpcfed-sched-test", comment="hpcfed:sched-test:x")
+    marker = f"hpcfed:sched-test:{uuid.uuid4().hex[:8]}"
+    job_id = cli.submit(script, job_name="hpcfed-sched-test", comment=marker)
     calls = cli.calls()
     jobs = cli.query([job_id, "999999"])
     # one squeue for both; one sacct for the one squeue did not know
     assert cli.calls() - calls == 2
     assert jobs[job_id].state in {"PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CONFIGURING"}
     assert jobs["999999"].state == GONE
-    assert cli.find("hpcfed-sched-test", "hpcfed:sched-test:x") == job_id
+    assert cli.find("hpcfed-sched-test", marker) == job_id
     assert cli.find("hpcfed-sched-test", "hpcfed:sched-test:other") is None
 
 

@@ -96,11 +96,13 @@ def find_command(job_name: str) -> List[str]:
 
 
 def parse_find(stdout: str, comment: str) -> Optional[str]:
+    """The newest job carrying our marker (a resubmitted deployment has several)."""
+    found = []
     for line in stdout.splitlines():
         job_id, _, job_comment = line.strip().partition(SEP)
-        if job_comment.strip() == comment:
-            return job_id.strip()
-    return None
+        if job_comment.strip() == comment and job_id.strip().isdigit():
+            found.append(int(job_id))
+    return str(max(found)) if found else None
 
 
 def _error_text(res) -> str:
