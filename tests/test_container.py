@@ -186,6 +186,20 @@ def test_image_build_as_non_root_user_and_list(client_image, nonroot):
     assert "nvflare-client-2.9.0.sif" in table and "client" in table
 
 
+@pytest.mark.apptainer
+@pytest.mark.timeout(300)
+def test_build_of_an_unknown_framework_version_says_so_and_leaves_nothing(tmp_path):
+    need(shutil.which("apptainer") is not None, "apptainer is not installed")
+    need(os.path.isfile(BASE_SIF), f"offline base image {BASE_SIF} missing")
+    proc = hpcfed("image", "build", "client", "--version", "0.0.1", "--base", BASE_SIF,
+                  "--compression", "zstd", "--image-dir", str(tmp_path), timeout=300)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "hpcfed: error: --version 0.0.1: nvflare==0.0.1 is not on the package index "
+        "(pip: No matching distribution found)")
+    assert os.listdir(tmp_path) == []
+
+
 PROBE = (
     'echo "CVD=${CUDA_VISIBLE_DEVICES:-unset} ON_NODE=${SLURM_GPUS_ON_NODE:-unset}"; '
     'echo "LEAK=${HPCFED_TEST_HOST_VAR:-absent} ROLE=${HPCFED_TEST_ROLE_VAR:-absent}"; '
@@ -306,7 +320,11 @@ def test_submitted_role_runs_inside_the_built_image(slurm_cluster, client_image,
     assert proc.returncode == 0, proc.stderr
     dep, log = _finished_log(user, name)
     assert dep["job_state"] == "COMPLETED", log
-    assert "GPU preflight passed" in log and "skipping: NVML" in log  # fake GPUs: no driver here
+    # The preflight read the job's real Slurm GPU assignment; fake GPUs have no driver: skipped.
+    line = next(l for l in log.splitlines() if "GPU preflight passed: " in l)
+    report = json.loads(line.split("GPU preflight passed: ", 1)[1])
+    assert report["skipped"].startswith("skipping: NVML") and report["assignment"]["count"] == 1
+    assert report["assignment"]["slurm"] == [report["assignment"]["variables"]["SLURM_JOB_GPUS"]]
     assert f"apptainer exec --nv --cleanenv --containall" in log and client_image["path"] in log
     facts = _facts(log)
     assert facts["CVD"].isdigit() and facts["ON_NODE"] == "1", log  # the one GPU Slurm assigned

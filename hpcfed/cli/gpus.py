@@ -54,11 +54,14 @@ def gpus(min_memory_mib, ecc_threshold, require_nvml, site, as_json):
     from hpcfed.gpu.preflight import inspect_gpus
 
     allow_without_nvml = not require_nvml
+    why_required = "--require-nvml"
     if site:
         from hpcfed.profiles import load_site
 
         settings = load_site(site).profile.preflight
         allow_without_nvml = settings.allow_without_nvml and not require_nvml
+        if not settings.allow_without_nvml:
+            why_required = f"site {site} has preflight.allow_without_nvml: false"
         if min_memory_mib is None:
             min_memory_mib = settings.min_memory_mib
     report = inspect_gpus(min_memory_mib, ecc_threshold=ecc_threshold, all_if_unassigned=True)
@@ -68,5 +71,5 @@ def gpus(min_memory_mib, ecc_threshold, require_nvml, site, as_json):
     if not report["ok"]:
         if report["skipped"]:
             raise GpuPreflightFailed(
-                f"GPU preflight cannot run: {report['skipped'][len('skipping: '):]} (NVML is required here)")
+                f"GPU preflight cannot run: {report['skipped'][len('skipping: '):]} ({why_required})")
         raise GpuPreflightFailed(f"GPU preflight failed: {'; '.join(report['problems'][:3])}")

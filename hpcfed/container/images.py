@@ -187,23 +187,26 @@ def build_image(
             env["APPTAINER_DROP_CAPS"] = ",".join(missing)
     argv = build_argv(plan, apptainer, tmp)
     tail: list[str] = []
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", stdin=subprocess.DEVNULL)
     try:
-        proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, errors="replace", stdin=subprocess.DEVNULL)
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip()
             on_line(line)
-            tail = (tail + [line])[-5:]
+            tail = (tail + [line])[-20:]
         rc = proc.wait()
-    except BaseException:
-        if "proc" in locals() and proc.poll() is None:
+    except BaseException:  # interrupted: stop apptainer, leave no partial image
+        if proc.poll() is None:
             proc.terminate()
             proc.wait()
         _remove(tmp)
         raise
     if rc != 0:
         _remove(tmp)
+        if plan.version and any("No matching distribution found" in l for l in tail):
+            raise ConfigError(f"--version {plan.version}: {plan.framework}=={plan.version} is not on the "
+                              "package index (pip: No matching distribution found)")
         reason = next((l for l in reversed(tail) if "FATAL" in l or "ERROR" in l), tail[-1] if tail else "")
         raise HpcfedError(f"apptainer build of {plan.role} failed (exit {rc}): {reason.strip()}")
     os.replace(tmp, plan.output)
