@@ -125,6 +125,19 @@ def test_build_bad_input_is_one_line(args, code, message):
     assert not os.path.exists("/tmp/hpcfed-never-built/nvflare-client-2.9;rm.sif")
 
 
+def test_build_stores_in_the_site_profiles_image_dir(tmp_path):
+    env = {"HPCFED_SITE__APPTAINER__IMAGE_DIR": str(tmp_path / "site-images")}
+    proc = hpcfed("image", "build", "server", "--version", "2.9.0", "--site", "local", "--dry-run", "--json",
+                  env=env)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["output"] == str(tmp_path / "site-images" / "nvflare-server-2.9.0.sif")
+    assert plan["base"] == "docker://python:3.11-slim" and "FRAMEWORK_VERSION=2.9.0" in plan["command"]
+    assert not (tmp_path / "site-images").exists()  # a dry run builds and creates nothing
+    listed = hpcfed("image", "list", "--site", "local", "--json", env=env)
+    assert json.loads(listed.stdout)["source"] == "site local (apptainer.image_dir)"
+
+
 # ---------------------------------------------------------------- real Apptainer
 
 @pytest.fixture(scope="module")

@@ -79,9 +79,9 @@ def build(role, framework, fw_version, base, compression, site, image_dir, appta
         data["command"] = build_argv(plan, apptainer_bin or "apptainer", plan.output)
         emit(data, as_json, lambda d: click.echo(" ".join(d["command"])))
         return
+    check_build(plan)  # bad input first: it is the user's to fix wherever they build
     binary = find_apptainer(apptainer_bin)
-    check_build(plan)
-    progress(f"building {plan.output} from {plan.bootstrap}:{plan.base_from}"
+    progress(f"building {plan.output} from {plan.to_dict()['base']}"
              + (" (fakeroot)" if plan.fakeroot else ""))
     record = build_image(plan, binary, on_line=lambda line: progress(f"  {line}") if line else None)
     progress(f"built {record['path']} ({record['size_mb']} MB)")

@@ -49,7 +49,7 @@ class BuildPlan:
     def to_dict(self) -> dict:
         return {
             "role": self.role, "framework": self.framework, "version": self.version,
-            "definition": self.definition, "base": f"{self.bootstrap}:{self.base_from}",
+            "definition": self.definition, "base": base_reference(self.bootstrap, self.base_from),
             "output": self.output, "fakeroot": self.fakeroot, "compression": self.compression,
             "build_args": dict(self.build_args),
         }
@@ -69,6 +69,11 @@ def parse_base(base: str) -> tuple[str, str]:
             f"--base {base!r}: expected docker://IMAGE, localimage:/path/to/base.sif or a local SIF/sandbox path"
         )
     return "localimage", os.path.abspath(os.path.expanduser(path))
+
+
+def base_reference(bootstrap: str, base_from: str) -> str:
+    """The base as a user writes it (and as the image's label records it)."""
+    return f"localimage:{base_from}" if bootstrap == "localimage" else f"{bootstrap}://{base_from}"
 
 
 def image_name(role: str, framework: Optional[str], version: Optional[str]) -> str:
@@ -117,7 +122,8 @@ def plan_build(
     if compression not in COMPRESSIONS:
         raise ConfigError(f"--compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
     bootstrap, base_from = parse_base(base or DEFAULT_BASE)
-    args = {"BOOTSTRAP": bootstrap, "FROM": base_from, "HPCFED_VERSION": hpcfed_version}
+    args = {"BOOTSTRAP": bootstrap, "FROM": base_from, "BASE": base_reference(bootstrap, base_from),
+            "HPCFED_VERSION": hpcfed_version}
     if role != "base":
         args["FRAMEWORK_VERSION"] = version
         if ca_bundle:
