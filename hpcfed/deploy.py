@@ -10,7 +10,7 @@ import uuid
 from collections import defaultdict
 from typing import Dict, Iterable, List, Optional, Tuple
 
-from hpcfed.errors import ConfigError, SchedulerUnavailable
+from hpcfed.errors import ConfigError, HpcfedError, SchedulerUnavailable
 from hpcfed.plan import Plan, SchedulerTarget
 from hpcfed.scheduler import UNKNOWN, JobInfo
 from hpcfed.state import Deployment, DeploymentStore
@@ -54,10 +54,7 @@ def submit_plan(plan: Plan, script: str, store: DeploymentStore, progress=lambda
                         f"--name {plan.name}: deployment already has job {dep.job_id} "
                         f"({info.state}); `hpcfed cancel {plan.name}` first or pick another name"
                     )
-            progress(f"creating {plan.workdir} on {runner.where}")
-            runner.mkdirs(plan.workdir)
-            progress(f"submitting {plan.summary()}")
-            job_id = scheduler.submit(script, job_name=plan.job_name, comment=plan.comment)
+            job_id = submit_locked(plan, script, runner, scheduler, progress)
         finally:
             runner.close()
         if dep is None:
@@ -69,12 +66,51 @@ def submit_plan(plan: Plan, script: str, store: DeploymentStore, progress=lambda
         else:
             dep.plan = plan.model_dump(mode="json")
             dep.stopped = False
-            dep.add_event("resubmitted", f"job {job_id} (by submit)")
-        from hpcfed.state.store import now
-
-        dep.jobs.append({"job_id": job_id, "submitted_at": now()})
+            dep.add_event("resubmitted", f"job {job_id} (hpcfed submit)")
+        record_job(dep, job_id)
         store.put(dep)
     return dep, job_id
+
+
+def submit_locked(plan: Plan, script: str, runner, scheduler, progress=lambda m: None) -> str:
+    """The submission itself; the caller holds the deployment's lock."""
+    progress(f"creating {plan.workdir} on {runner.where}")
+    runner.mkdirs(plan.workdir)
+    progress(f"submitting {plan.summary()}")
+    return scheduler.submit(script, job_name=plan.job_name, comment=plan.comment)
+
+
+def record_job(dep: Deployment, job_id: str, by: str = "submit") -> None:
+    from hpcfed.state.store import now
+
+    dep.jobs.append({"job_id": job_id, "submitted_at": now(), "by": by})
+
+
+def job_events(dep: Deployment) -> List[dict]:
+    """The events the job itself recorded (events.jsonl in its directory on the cluster):
+    started, stopped and why, requeued, running again. Empty when it cannot be read."""
+    import json
+
+    plan = Plan.model_validate(dep.plan)
+    runner = None
+    try:
+        runner, _ = connect(plan.scheduler)
+        raw = runner.read_file(f"{plan.workdir}/events.jsonl")
+    except (OSError, HpcfedError):
+        return []
+    finally:
+        if runner is not None:
+            runner.close()
+    events = []
+    for line in raw.decode(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        detail = e.get("detail", "")
+        e["detail"] = f"job {e.get('job_id')}: {detail}" if detail else f"job {e.get('job_id')}"
+        events.append(e)
+    return events
 
 
 def poll(deployments: Iterable[Deployment]) -> Tuple[Dict[str, JobInfo], Dict[str, str], int]:

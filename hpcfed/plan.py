@@ -84,6 +84,13 @@ class Preemption(_Frozen):
     grace: int
 
 
+class Rejoin(_Frozen):
+    backoff: int = 30
+    max_backoff: int = 1800
+    max_resubmits: int = 5
+    window: int = 21600
+
+
 class Plan(_Frozen):
     version: int = PLAN_VERSION
     name: str
@@ -107,6 +114,7 @@ class Plan(_Frozen):
     tunnel: Optional[Tunnel]
     preflight: Preflight
     preemption: Preemption
+    rejoin: Rejoin = Rejoin()
     hpcfed_command: str
     template: str
 
@@ -300,6 +308,7 @@ def build_plan(
             lead_time=p.preemption.lead_time,
             grace=p.preemption.grace,
         ),
+        rejoin=Rejoin(**p.rejoin.model_dump()),
         hpcfed_command=p.hpcfed_command,
         template=role.template,
     )

@@ -118,13 +118,16 @@ def status(names, as_json):
     rows = []
     for d in deps:
         info = infos.get(d.name)
+        events = d.events
+        if names:  # a named deployment: its whole history, the job's own events included
+            events = sorted(d.events + deploy.job_events(d), key=lambda e: _epoch(e["time"]))
         rows.append({
             "name": d.name, "site": d.site, "role": d.role, "framework": d.framework,
             "job_id": d.job_id, "state": "STOPPED" if d.stopped and (not info or not info.active)
             else (info.state if info else "NOT_SUBMITTED"),
             "job_state": info.state if info else None,
             "reason": info.reason if info else "", "node": info.node if info else "",
-            "stopped": d.stopped, "jobs": d.jobs, "events": d.events,
+            "stopped": d.stopped, "jobs": d.jobs, "events": events,
         })
 
     def human(data):
@@ -147,6 +150,15 @@ def status(names, as_json):
          as_json, human)
     if errors:
         raise SchedulerUnavailable("; ".join(sorted(set(errors.values()))) + " - state UNKNOWN")
+
+
+def _epoch(stamp: str) -> float:
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return 0.0
 
 
 @click.command()

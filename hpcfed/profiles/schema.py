@@ -93,6 +93,21 @@ class PreemptionSettings(_Strict):
         return m.group(2)
 
 
+class RejoinSettings(_Strict):
+    """How `hpcfed rejoin` brings a lost deployment back: backoff between resubmissions of one
+    deployment, and a cap on how many in a window (then it waits for the user)."""
+
+    backoff: int = 30  # seconds after the first resubmission; doubles each time
+    max_backoff: int = 1800
+    max_resubmits: int = Field(5, ge=1)
+    window: int = 6 * 3600
+
+    @field_validator("backoff", "max_backoff", "window", mode="before")
+    @classmethod
+    def _dur(cls, v):
+        return parse_duration(v)
+
+
 class PreflightSettings(_Strict):
     allow_without_nvml: bool = False
     min_memory_mib: Optional[int] = Field(None, ge=0)
@@ -116,6 +131,7 @@ class SiteProfile(_Strict):
     workdir: str = "~/hpcfed"  # one subdirectory per deployment; `~` is the cluster home
     preemption: PreemptionSettings = PreemptionSettings()
     preflight: PreflightSettings = PreflightSettings()
+    rejoin: RejoinSettings = RejoinSettings()
     extra_directives: List[str] = []  # verbatim sbatch options, e.g. "--mail-type=NONE"
     hpcfed_command: str = "hpcfed"  # how a job calls hpcfed on the compute node
 

@@ -33,6 +33,23 @@ class Supervisor:
         self.tunnel: Optional[subprocess.Popen] = None
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
+        self.stop_started = 0.0
+
+    def event(self, kind: str, detail: str = "") -> None:
+        """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
+        One short line per write with O_APPEND, so concurrent writers never interleave."""
+        line = json.dumps({
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, "detail": detail,
+            "job_id": self.job_id, "restart": self.restart, "source": "job",
+        }) + "\n"
+        try:
+            fd = os.open(self.workdir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log(f"cannot record event {kind}: {exc}")
 
     # (1) GPU preflight
     def preflight(self) -> Optional[dict]:
@@ -123,6 +140,7 @@ class Supervisor:
             else:
                 self.stop_reason = f"{name}: job is being stopped"
             self.stop_signal = signum
+            self.stop_started = time.monotonic()
             log(f"received {self.stop_reason}; stopping the role")
 
     def stop_role(self) -> None:
@@ -145,6 +163,31 @@ class Supervisor:
         log(f"role still running after {grace}s; SIGKILL")
         self._signal_role(signal.SIGKILL)
         self.role.wait()
+
+    def requeue(self) -> None:
+        """After the warning signal: put this job back in the queue where the site allows it.
+
+        On preemption Slurm (PreemptMode=REQUEUE) would requeue it too; ahead of the time limit
+        nobody else will, so the supervisor asks. SIGTERM alone (a site that sends no user
+        signal, or a plain scancel) is left to Slurm's own decision.
+        """
+        if not self.plan.preemption.requeue or self.job_id == "nojob":
+            self.event("exiting", "requeue not allowed by the site profile")
+            return
+        try:
+            res = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True,
+                                 text=True, timeout=30, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log(f"scontrol requeue failed: {exc}")
+            self.event("requeue-failed", str(exc))
+            return
+        if res.returncode == 0:
+            log(f"requeued job {self.job_id} (scontrol requeue)")
+            self.event("requeued", "scontrol requeue")
+        else:
+            msg = (res.stderr or res.stdout).strip()
+            log(f"scontrol requeue refused: {msg}")
+            self.event("requeue-failed", msg)
 
     def _signal_role(self, sig) -> None:
         try:
@@ -186,6 +229,8 @@ class Supervisor:
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
         for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, f"SIG{self.plan.preemption.signal}")}:
             signal.signal(sig, self.on_signal)
+        self.event("started" if self.restart == 0 else "running-again",
+                   f"on {os.uname().nodename}" + (f", restart {self.restart}" if self.restart else ""))
         try:
             try:
                 self.preflight()
@@ -220,6 +265,13 @@ class Supervisor:
             if code < 0:  # killed by a signal: report it the shell's way
                 code = 128 - code
             self.report(code, self.stop_reason or "role exited")
+            if self.stop_reason:
+                took = time.monotonic() - self.stop_started
+                self.event("role-stopped", f"{self.stop_reason}; role exit {code} after {took:.1f}s")
+                if self.stop_signal == getattr(signal, f"SIG{self.plan.preemption.signal}"):
+                    self.requeue()
+            else:
+                self.event("role-exited", f"exit code {code}")
             return code
         finally:
             self.stop_tunnel()
