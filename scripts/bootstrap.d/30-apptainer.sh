@@ -134,14 +134,15 @@ base_sif="$CACHE/base-bookworm.sif"
 if [ ! -s "$base_sif" ]; then
     mkdir -p "$CACHE"
     rootfs=$(mktemp -d "$CACHE/rootfs.XXXXXX")
+    trap 'rm -rf "$rootfs" "$base_sif.tmp"' EXIT
     echo "debootstrap: bookworm minbase with python3 (about a minute)"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm "$rootfs" "$(debian_mirror)" >/dev/null
-    apt_clean() { rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*; }
-    apt_clean
-    APPTAINER_DROP_CAPS=$(capsh --print | sed -n 's/^Current IAB: *//p' | tr ' ' '\n' | sed -n 's/^!//p' | paste -sd, -) \
-        apptainer -s build --force --mksquashfs-args "-comp zstd -Xcompression-level 1" "$base_sif.tmp" "$rootfs"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    # A directory build runs no %post, so root's missing capabilities do not matter here.
+    apptainer -s build --force --mksquashfs-args "-comp zstd -Xcompression-level 1" "$base_sif.tmp" "$rootfs"
     mv "$base_sif.tmp" "$base_sif"
     rm -rf "$rootfs"
+    trap - EXIT
 fi
 chmod 0755 "$CACHE"
 chmod 0644 "$base_sif"
