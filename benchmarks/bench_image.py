@@ -129,21 +129,25 @@ def main() -> None:
     rows = []
     image_dir = user_dir(args.user, "hpcfed-bench-img-")
     image = None
-    for who, user in (("non-root (--fakeroot)", args.user), ("root", None)):
-        for compression in ("zstd", "gzip"):
-            d = user_dir(user, "hpcfed-bench-build-")
-            seconds, record = bench_build(user, compression, d)
-            rows.append((who, compression, seconds, record["size_mb"]))
-            print(f"build {who} {compression}: {seconds:.1f} s, {record['size_mb']} MB", file=sys.stderr)
-            if user and compression == "zstd":
-                image = shutil.copy(record["path"], image_dir)
-            shutil.rmtree(d, ignore_errors=True)
+    try:
+        for who, user in (("non-root (--fakeroot)", args.user), ("root", None)):
+            for compression in ("zstd", "gzip"):
+                d = user_dir(user, "hpcfed-bench-build-")
+                try:
+                    seconds, record = bench_build(user, compression, d)
+                    if user and compression == "zstd":
+                        image = shutil.copy(record["path"], image_dir)
+                finally:
+                    shutil.rmtree(d, ignore_errors=True)
+                rows.append((who, compression, seconds, record["size_mb"]))
+                print(f"build {who} {compression}: {seconds:.1f} s, {record['size_mb']} MB", file=sys.stderr)
 
-    exec_root = bench_exec(None, image, args.runs * 3)
-    exec_user = bench_exec(args.user, image, args.runs * 3)
-    start_plain = bench_job_start(args.user, None, args.runs)
-    start_image = bench_job_start(args.user, image, args.runs)
-    shutil.rmtree(image_dir, ignore_errors=True)
+        exec_root = bench_exec(None, image, args.runs * 3)
+        exec_user = bench_exec(args.user, image, args.runs * 3)
+        start_plain = bench_job_start(args.user, None, args.runs)
+        start_image = bench_job_start(args.user, image, args.runs)
+    finally:
+        shutil.rmtree(image_dir, ignore_errors=True)
 
     out = ROOT / "benchmarks" / "results" / "image.md"
     builds = "\n".join(f"| {w} | {c} | {s:.1f} s | {mb} MB |" for w, c, s, mb in rows)

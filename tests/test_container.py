@@ -274,17 +274,18 @@ def test_exec_argv_runs_for_real(client_image, client_kit, nonroot, who):
         proc = run(argv, env={**env, "HPCFED_TEST_HOST_VAR": "leaked"}, user=user)
     finally:
         os.unlink(marker)
+        probe_left = os.path.exists(os.path.join(ws, "probe"))
+        shutil.rmtree(ws, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     facts = _facts(proc.stdout)
     assert facts["CVD"] == "1" and facts["ON_NODE"] == "1"
     assert facts["LEAK"] == "absent" and facts["ROLE"] == "given"
     assert facts["KIT_READ"] == "yes" and facts["KIT_WRITE"] == "no"
     assert facts["WS_WRITE"] == "yes" and facts["PWD"] == WORKSPACE_MOUNT
-    assert os.path.exists(os.path.join(ws, "probe")) and not os.path.exists(os.path.join(client_kit, "probe"))
+    assert probe_left and not os.path.exists(os.path.join(client_kit, "probe"))
     assert facts["HOME_LEAK"] == "no"
     assert facts["NVFLARE"] == NVFLARE_VERSION
     assert "10.99.0.1" in proc.stdout  # the generated hosts file resolves the server name
-    shutil.rmtree(ws, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- through hpcfed submit
@@ -317,7 +318,8 @@ def _finished_log(user, name, timeout=120):
 @pytest.mark.nvflare
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("who", ["root", "nonroot"])
-def test_submitted_role_runs_inside_the_built_image(slurm_cluster, client_image, client_kit, nonroot, who):
+def test_submitted_role_runs_inside_the_built_image(slurm_cluster, client_image, client_kit, nonroot, who,
+                                                     request):
     """Issue 5, first 'Done when': `hpcfed submit --image` on the test cluster runs the role in the
     SIF `hpcfed image build` made; it sees its GPUs, not an unpassed host variable, reads but
     cannot write the kit."""
@@ -326,6 +328,7 @@ def test_submitted_role_runs_inside_the_built_image(slurm_cluster, client_image,
     if user is None:  # root gets its own copy of the kit
         kit = tempfile.mkdtemp(prefix="hpcfed-rootkit-") + "/site-1"
         shutil.copytree(client_kit, kit)
+        request.addfinalizer(lambda: shutil.rmtree(os.path.dirname(kit), ignore_errors=True))
     host_env = {"HPCFED_TEST_HOST_VAR": "must-not-leak"}
     name = f"ctr-{who}-{uuid.uuid4().hex[:6]}"
     proc = _submit(user, "--gpus", "1", "--name", name, "--image", client_image["path"], "--kit", kit,
@@ -356,4 +359,3 @@ def test_submitted_role_runs_inside_the_built_image(slurm_cluster, client_image,
         assert proc.returncode == 0, proc.stderr
         _, log = _finished_log(user, name)
         assert _facts(log)["LEAK"] == "must-not-leak", log
-        shutil.rmtree(os.path.dirname(kit), ignore_errors=True)
