@@ -10,6 +10,40 @@ from hpcfed.cli._common import emit, emit_json, json_option, progress, table
 from hpcfed.errors import ConfigError, NotFound, SchedulerUnavailable
 
 
+def _resolve_kit(kit, site, role, command, loaded):
+    """(kit dir, (server host, port), declared GPUs): --kit, else the kit installed for the site.
+
+    The kit's server address decides what the tunnel and the container's /etc/hosts provide; its
+    GPU capacity is checked at submit, since NVFlare refuses a mismatch only at start-up and then
+    exits 0. A kit on the cluster only (submit over SSH) is used as given, unread.
+    """
+    import os
+    from pathlib import Path
+
+    if command is not None or not role.needs_kit:
+        return kit, None, None
+    if kit is None:
+        from hpcfed.kit.store import find_kit
+
+        found = find_kit(site, role.name)
+        if found is None:
+            raise NotFound(
+                f"--kit: no {role.framework} {role.name} kit installed for site {site}; pull it with "
+                f"`hpcfed kit pull --role {role.name} --site NAME --as {site}` or give --kit DIR"
+            )
+        return found.path, (found.server_host, found.server_port), found.gpu_capacity
+    local = os.path.expanduser(kit)
+    if loaded.profile.scheduler.connect != "local" or not os.path.isdir(local):
+        return kit, None, None
+    from hpcfed.kit.checks import gpu_capacity, server_address
+
+    try:
+        host, port = server_address(Path(local), role.name)
+        return kit, (host, port) if host else None, gpu_capacity(Path(local))
+    except Exception:  # not an NVFlare kit layout: the job's own kit checks will say why
+        return kit, None, None
+
+
 @click.command()
 @click.argument("role")
 @click.option("--site", required=True, help="Site profile name (see `hpcfed sites list`).")
@@ -60,13 +94,19 @@ def submit(role, site, gpus, gpu_type, framework, name, time_, partition, kit, i
         for flag, path in (("--kit", kit), ("--image", image), ("--tunnel-config", tunnel_config)):
             if path and not os.path.exists(os.path.expanduser(path)):
                 raise NotFound(f"{flag} {path}: no such file or directory")
+    kit, server_address, capacity = _resolve_kit(kit, site, the_role, command, loaded)
     plan = build_plan(
         site=loaded, role=the_role, name=name, deployment_id=dep_id, user=deploy.plan_user(loaded),
         gpus=gpus, gpu_type=gpu_type, time=time_, partition=partition,
         kit=_abs(kit, loaded), image=_abs(image, loaded), command=command,
         tunnel_config=_abs(tunnel_config, loaded),
         local_forwards=tuple(forward_local), remote_forwards=tuple(forward_remote),
+        server_address=server_address,
     )
+    if plan.kit and capacity is not None:
+        from hpcfed.kit.workspace import check_gpu_capacity
+
+        check_gpu_capacity(capacity, plan.resources.gpus, where=f"the kit {plan.kit}")
     script = render(plan)
     if dry_run:
         if as_json:
@@ -120,7 +160,9 @@ def status(names, as_json):
         info = infos.get(d.name)
         events = d.events
         if names:  # a named deployment: its whole history, the job's own events included
-            events = sorted(d.events + deploy.job_events(d), key=lambda e: _epoch(e["time"]))
+            from hpcfed.state.store import epoch
+
+            events = sorted(d.events + deploy.job_events(d), key=lambda e: epoch(e["time"]))
         rows.append({
             "name": d.name, "site": d.site, "role": d.role, "framework": d.framework,
             "job_id": d.job_id, "state": "STOPPED" if d.stopped and (not info or not info.active)
@@ -150,15 +192,6 @@ def status(names, as_json):
          as_json, human)
     if errors:
         raise SchedulerUnavailable("; ".join(sorted(set(errors.values()))) + " - state UNKNOWN")
-
-
-def _epoch(stamp: str) -> float:
-    import datetime
-
-    try:
-        return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except ValueError:
-        return 0.0
 
 
 @click.command()

@@ -19,6 +19,16 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def epoch(stamp: str) -> float:
+    """Seconds since the epoch of a now() stamp (0 for anything unreadable)."""
+    import datetime
+
+    try:
+        return datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except (TypeError, ValueError):
+        return 0.0
+
+
 @dataclass
 class Deployment:
     name: str

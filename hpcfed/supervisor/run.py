@@ -116,11 +116,27 @@ class Supervisor:
         argv, env = exec_argv(
             apptainer=c.apptainer, image=self.plan.image, command=command, gpu_flag=gpu_flag,
             binds=list(c.binds), kit_dir=self.plan.kit, workspace=str(ws), env={},
-            hosts_file=None,
+            hosts_file=self.hosts_file(),
         )
         return list(argv), dict(env)
 
+    def hosts_file(self) -> Optional[str]:
+        """An /etc/hosts for the container mapping the federation's server name to where the
+        tunnel delivers it (the kit's certificates fix the name, so only the address can move)."""
+        t = self.plan.tunnel
+        if t is None or not t.hosts:
+            return None
+        path = self.workdir / f"hosts-{self.job_id}"
+        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
+        lines += [f"{address} {name}" for name, address in t.hosts]
+        path.write_text("\n".join(lines) + "\n")
+        log("container /etc/hosts: " + ", ".join(f"{n} -> {a}" for n, a in t.hosts))
+        return str(path)
+
     def start_role(self, ws: Path) -> None:
+        if self.plan.tunnel and self.plan.tunnel.hosts and not self.plan.image:
+            log("warning: without a container image the server name resolves through the node's "
+                "own /etc/hosts, not to the tunnel; use --image")
         argv, extra_env = self.role_argv(ws)
         env = dict(os.environ)
         env.update(extra_env)
@@ -225,12 +241,12 @@ class Supervisor:
 
     def run(self) -> int:
         log(f"deployment {self.plan.name} ({self.plan.deployment_id}) job {self.job_id} "
-            f"restart {self.restart} on {os.uname().nodename}; "
+            f"restart {self.restart} on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}; "
             f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
         for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, f"SIG{self.plan.preemption.signal}")}:
             signal.signal(sig, self.on_signal)
         self.event("started" if self.restart == 0 else "running-again",
-                   f"on {os.uname().nodename}" + (f", restart {self.restart}" if self.restart else ""))
+                   f"on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}" + (f", restart {self.restart}" if self.restart else ""))
         try:
             try:
                 self.preflight()

@@ -1,0 +1,144 @@
+"""Bring lost deployments back, exactly once: `hpcfed rejoin` (from cron or scrontab).
+
+For every deployment the user has not stopped on purpose: ask the scheduler (one batched call per
+site); a job that is gone in a way Slurm did not requeue (preempted without requeue, node failure,
+time limit, cancelled by someone else, no record at all) is resubmitted from the deployment's
+stored plan - after a per-deployment backoff and within a cap per window. Nothing is decided on
+an unknown answer. Exactly once across concurrent runs and login nodes: the deployment's lease
+lock (exclusive create, NFS-safe) is taken without waiting, the record is re-read and the
+scheduler asked again under it, and a newer job carrying the deployment's marker is adopted
+instead of submitting another.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import asdict, dataclass
+from typing import Callable, List, Optional, Tuple
+
+from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
+from hpcfed.scheduler import GONE, UNKNOWN, JobInfo
+from hpcfed.state import Deployment, DeploymentStore
+from hpcfed.state.store import epoch
+
+# Gone in a way Slurm will not bring back by itself: rejoin resubmits.
+LOST_STATES = {"PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", GONE}
+# The role ended by itself (or crashed): resubmitting would loop; the user decides.
+ENDED_STATES = {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}
+LOCK_LEASE = 300.0  # > the longest a rejoin holds it (two scheduler calls and a submit)
+
+
+@dataclass
+class Outcome:
+    name: str
+    action: str  # ok, resubmitted, would-resubmit, adopted, backoff, gave-up, ended, stopped, unknown, busy, error
+    detail: str
+    job_id: Optional[str] = None
+    new_job_id: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def recent_resubmits(dep: Deployment, window: int, now: float) -> List[float]:
+    """Times of rejoin's resubmissions of `dep` within the last `window` seconds, oldest first."""
+    times = [epoch(j.get("submitted_at", "")) for j in dep.jobs if j.get("by") == "rejoin"]
+    return sorted(t for t in times if now - t < window)
+
+
+def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, str]:
+    """(action, why) for one deployment given the scheduler's answer about its latest job. Pure."""
+    if dep.stopped:
+        return "stopped", "stopped on purpose (hpcfed cancel); left alone"
+    if not dep.job_id or info is None:
+        return "ended", "no job recorded"
+    if info.state == UNKNOWN:
+        return "unknown", f"scheduler did not answer ({info.reason}); nothing decided"
+    if info.active:
+        return "ok", f"job {dep.job_id} {info.state}"
+    if info.state not in LOST_STATES:
+        return "ended", (f"job {dep.job_id} {info.state}: the role ended by itself; not resubmitted "
+                         f"(`hpcfed submit` to start it again)")
+    policy = dep.plan.get("rejoin") or {}
+    backoff = int(policy.get("backoff", 30))
+    max_backoff = int(policy.get("max_backoff", 1800))
+    cap = int(policy.get("max_resubmits", 5))
+    window = int(policy.get("window", 21600))
+    recent = recent_resubmits(dep, window, now)
+    if len(recent) >= cap:
+        return "gave-up", (f"job {dep.job_id} {info.state}, but already {len(recent)} resubmissions "
+                           f"in the last {window // 60} min; `hpcfed submit` to start it again")
+    if recent:
+        wait = min(backoff * 2 ** (len(recent) - 1), max_backoff)
+        due = recent[-1] + wait
+        if now < due:
+            at = datetime.datetime.fromtimestamp(due).strftime("%H:%M:%S")
+            return "backoff", f"job {dep.job_id} {info.state}; next try after {at} (backoff {wait}s)"
+    return "resubmit", f"job {dep.job_id} {info.state}"
+
+
+def _resubmit(store: DeploymentStore, name: str, now: Callable[[], float], dry_run: bool,
+              progress) -> Outcome:
+    """Under the deployment's lock: re-read, re-ask, adopt or submit, record."""
+    from hpcfed import deploy
+    from hpcfed.plan import Plan
+    from hpcfed.render import render
+
+    try:
+        lock = store.lock(name, lease=LOCK_LEASE, wait=0)
+        lock.__enter__()
+    except EnvironmentProblem:
+        return Outcome(name, "busy", "another hpcfed is handling it right now")
+    try:
+        dep = store.require(name)  # fresh: another rejoin may have acted since our first look
+        plan = Plan.model_validate(dep.plan)
+        runner, scheduler = deploy.connect(plan.scheduler)
+        try:
+            info = scheduler.query([dep.job_id])[dep.job_id]
+            action, why = decide(dep, info, now())
+            if action != "resubmit":
+                return Outcome(name, action, why, dep.job_id)
+            newer = scheduler.find(plan.job_name, plan.comment)
+            if newer and int(newer) > int(dep.job_id):
+                ninfo = scheduler.query([newer])[newer]
+                if ninfo.active:
+                    deploy.record_job(dep, newer, by="adopted")
+                    dep.add_event("adopted", f"job {newer} ({ninfo.state}) carries this deployment's marker")
+                    store.put(dep)
+                    return Outcome(name, "adopted", f"job {newer} {ninfo.state}", dep.job_id, newer)
+            if dry_run:
+                return Outcome(name, "would-resubmit", why, dep.job_id)
+            job_id = deploy.submit_locked(plan, render(plan), runner, scheduler, progress)
+        finally:
+            runner.close()
+        old = dep.job_id
+        deploy.record_job(dep, job_id, by="rejoin")
+        dep.add_event("resubmitted", f"job {job_id} by hpcfed rejoin: {why}")
+        store.put(dep)
+        return Outcome(name, "resubmitted", why, old, job_id)
+    except SchedulerUnavailable as exc:
+        return Outcome(name, "unknown", f"scheduler did not answer ({exc}); nothing decided")
+    except HpcfedError as exc:
+        return Outcome(name, "error", str(exc))
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def reconcile(store: Optional[DeploymentStore] = None, *, dry_run: bool = False,
+              now: Callable[[], float] = None, progress=lambda m: None) -> List[Outcome]:
+    """One rejoin pass over every deployment of the user."""
+    import time
+
+    from hpcfed import deploy
+
+    store = store or DeploymentStore()
+    now = now or time.time
+    deps = store.all()
+    infos, _errors, _calls = deploy.poll([d for d in deps if not d.stopped])
+    outcomes = []
+    for dep in deps:
+        action, why = decide(dep, infos.get(dep.name), now())
+        if action == "resubmit":
+            outcomes.append(_resubmit(store, dep.name, now, dry_run, progress))
+        else:
+            outcomes.append(Outcome(dep.name, action, why, dep.job_id))
+    return outcomes

@@ -1,0 +1,117 @@
+"""The periodic `hpcfed rejoin` entry in scrontab (preferred: Slurm runs it once cluster-wide,
+no login-node crontab) or the user's crontab. Installing replaces our own block, so it is
+idempotent; other entries are kept as they are."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import List, Optional
+
+from hpcfed.errors import ConfigError, EnvironmentProblem
+
+MARK = "# hpcfed-rejoin: managed by `hpcfed cron`; remove with `hpcfed cron remove`"
+_EVERY_RE = re.compile(r"^(\d+)\s*([mh])$")
+
+
+def schedule(every: str) -> str:
+    """`10m` -> `*/10 * * * *`, `2h` -> `0 */2 * * *`."""
+    m = _EVERY_RE.match(every.strip().lower())
+    if not m:
+        raise ConfigError(f"--every {every}: use minutes or hours, e.g. 10m or 1h")
+    n, unit = int(m.group(1)), m.group(2)
+    if unit == "m" and 1 <= n <= 59:
+        return f"*/{n} * * * *"
+    if unit == "m" and n % 60 == 0:
+        n, unit = n // 60, "h"
+    if unit == "h" and 1 <= n <= 23:
+        return f"0 */{n} * * *"
+    raise ConfigError(f"--every {every}: between 1m and 23h (minutes below 60, or whole hours)")
+
+
+def hpcfed_argv() -> List[str]:
+    """How cron should call this very hpcfed (cron's PATH is minimal)."""
+    exe = shutil.which("hpcfed")
+    venv_exe = os.path.join(os.path.dirname(sys.executable), "hpcfed")
+    if os.path.exists(venv_exe):
+        exe = venv_exe
+    return [exe] if exe else [sys.executable, "-m", "hpcfed"]
+
+
+def block(kind: str, every: str, log_file: str, scron_options: List[str]) -> List[str]:
+    cmd = " ".join(shlex.quote(a) for a in hpcfed_argv() + ["rejoin", "--log-file", log_file])
+    lines = [MARK]
+    if kind == "scrontab":
+        lines.append("#SCRON " + " ".join(["--job-name=hpcfed-rejoin", "--time=5"] + scron_options))
+    lines.append(f"{schedule(every)} {cmd}")
+    return lines
+
+
+def strip(text: str) -> List[str]:
+    """The table without our block (the mark line, #SCRON lines after it, and the entry)."""
+    out, skipping = [], False
+    for line in text.splitlines():
+        if line == MARK:
+            skipping = True
+            continue
+        if skipping:
+            if line.startswith("#SCRON"):
+                continue
+            skipping = False
+            continue  # the entry line itself
+        out.append(line)
+    return out
+
+
+def ours(text: str) -> List[str]:
+    lines, keep = [], False
+    for line in text.splitlines():
+        if line == MARK:
+            keep = True
+        if keep:
+            lines.append(line)
+            if not line.startswith("#"):
+                keep = False
+    return lines
+
+
+def pick(kind: Optional[str]) -> str:
+    if kind:
+        if not shutil.which(kind):
+            raise EnvironmentProblem(f"--{kind}: `{kind}` is not installed here")
+        return kind
+    if shutil.which("scrontab"):
+        return "scrontab"
+    if shutil.which("crontab"):
+        return "crontab"
+    raise EnvironmentProblem("neither scrontab nor crontab is installed here")
+
+
+def read(kind: str) -> str:
+    res = subprocess.run([kind, "-l"], capture_output=True, text=True, timeout=60)
+    if res.returncode != 0:
+        err = (res.stderr or res.stdout).strip()
+        if "no crontab" in err.lower() or "no scrontab" in err.lower() or not err:
+            return ""
+        raise EnvironmentProblem(f"{kind} -l: {err.splitlines()[-1]}")
+    return res.stdout
+
+
+def write(kind: str, lines: List[str]) -> None:
+    text = "\n".join(lines).strip("\n") + "\n" if any(l.strip() for l in lines) else ""
+    if kind == "crontab" and not text:
+        subprocess.run(["crontab", "-r"], capture_output=True, timeout=60)
+        return
+    with tempfile.NamedTemporaryFile("w", suffix=".cron", delete=False) as f:
+        f.write(text)
+        path = f.name
+    try:
+        res = subprocess.run([kind, path], capture_output=True, text=True, timeout=60)
+    finally:
+        os.unlink(path)
+    if res.returncode != 0:
+        raise EnvironmentProblem(f"{kind}: {(res.stderr or res.stdout).strip()}")

@@ -1,0 +1,205 @@
+"""`hpcfed rejoin` and `hpcfed cron`: a deployment lost in a way Slurm does not requeue comes back
+exactly once - also with twenty rejoins at the same moment -, never on an unknown scheduler
+answer, never after `hpcfed cancel`; the cron entry is installed once however often asked."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from helpers import HPCFED, hpcfed, need, run
+from hpcfed.rejoin import decide
+from hpcfed.rejoin import cron as c
+from hpcfed.scheduler import GONE, UNKNOWN, JobInfo
+from hpcfed.state import Deployment
+from hpcfed.state.store import now as stamp
+
+
+# ---- the decision table (pure) ----
+
+def dep(jobs=None, stopped=False, policy=None):
+    return Deployment(name="d", deployment_id="x", site="local", role="client", framework="nvflare",
+                      plan={"rejoin": policy or {"backoff": 30, "max_backoff": 300,
+                                                 "max_resubmits": 3, "window": 3600}},
+                      jobs=jobs if jobs is not None else [{"job_id": "10", "submitted_at": stamp()}],
+                      stopped=stopped)
+
+
+@pytest.mark.parametrize("state", ["PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", GONE])
+def test_lost_jobs_are_resubmitted(state):
+    assert decide(dep(), JobInfo("10", state), time.time())[0] == "resubmit"
+
+
+@pytest.mark.parametrize("state,action", [
+    ("RUNNING", "ok"), ("PENDING", "ok"), ("REQUEUED", "ok"),
+    ("COMPLETED", "ended"), ("FAILED", "ended"), ("OUT_OF_MEMORY", "ended"),
+    (UNKNOWN, "unknown"),
+])
+def test_other_states_are_not_resubmitted(state, action):
+    assert decide(dep(), JobInfo("10", state), time.time())[0] == action
+
+
+def test_stopped_on_purpose_is_left_alone_whatever_the_state():
+    assert decide(dep(stopped=True), JobInfo("10", "CANCELLED"), time.time())[0] == "stopped"
+
+
+def test_backoff_doubles_and_the_cap_holds():
+    t = time.time()
+    s = lambda dt: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t - dt))  # noqa: E731
+    one = dep([{"job_id": "10", "submitted_at": s(100)}, {"job_id": "11", "submitted_at": s(10), "by": "rejoin"}])
+    action, why = decide(one, JobInfo("11", "TIMEOUT"), t)
+    assert action == "backoff" and "backoff 30s" in why
+    assert decide(one, JobInfo("11", "TIMEOUT"), t + 25)[0] == "resubmit"
+    two = dep([{"job_id": "11", "submitted_at": s(200), "by": "rejoin"},
+               {"job_id": "12", "submitted_at": s(40), "by": "rejoin"}])
+    assert decide(two, JobInfo("12", "TIMEOUT"), t)[1].endswith("(backoff 60s)")
+    three = dep([{"job_id": str(i), "submitted_at": s(1000 - i), "by": "rejoin"} for i in range(3)])
+    assert decide(three, JobInfo("2", "TIMEOUT"), t)[0] == "gave-up"
+    old = dep([{"job_id": str(i), "submitted_at": s(7200 + i), "by": "rejoin"} for i in range(3)])
+    assert decide(old, JobInfo("0", "TIMEOUT"), t)[0] == "resubmit"  # outside the window
+
+
+def test_cron_block_is_replaced_not_duplicated():
+    other = "5 * * * * echo mine\n"
+    first = c.strip(other) + c.block("scrontab", "10m", "/x/rejoin.log", ["--partition=debug"])
+    second = c.strip("\n".join(first)) + c.block("scrontab", "15m", "/x/rejoin.log", [])
+    text = "\n".join(second)
+    assert text.count(c.MARK) == 1 and "*/15 * * * *" in text and "*/10" not in text
+    assert text.startswith("5 * * * * echo mine") and "#SCRON --job-name=hpcfed-rejoin" in text
+    assert c.strip(text) == ["5 * * * * echo mine"]
+    assert c.schedule("2h") == "0 */2 * * *" and c.schedule("60m") == "0 */1 * * *"
+
+
+# ---- against the real cluster ----
+
+@pytest.fixture()
+def user_state(slurm_cluster):
+    """An own state directory for the cluster user: rejoin must see only this test's deployments."""
+    d = tempfile.mkdtemp(prefix="hpcfed-rejoin-")
+    shutil.chown(d, user=slurm_cluster.user)
+    yield {"XDG_STATE_HOME": d}
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def as_user(cluster, env, *args, timeout=120):
+    return hpcfed(*args, user=cluster.user, env=env, timeout=timeout)
+
+
+def submit_sleeper(cluster, env):
+    name = f"rj-{uuid.uuid4().hex[:6]}"
+    proc = as_user(cluster, env, "submit", "client", "--site", "local", "--gpus", "0", "--name", name,
+                   "--command", "sleep 600", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return name, json.loads(proc.stdout)["job_id"]
+
+
+def our_active_jobs(name):
+    out = run(["squeue", "--noheader", f"--name=hpcfed-{name}", "--states=PENDING,RUNNING,CONFIGURING",
+               "--format=%i"]).stdout
+    return sorted(out.split())
+
+
+def admin_cancel(job_id):
+    """Cancelled by someone else with rights (root): Slurm does not requeue it."""
+    assert run(["scancel", job_id]).returncode == 0
+    deadline = time.monotonic() + 30
+    while run(["squeue", "--noheader", "-j", job_id, "--states=PENDING,RUNNING,COMPLETING,CONFIGURING",
+               "--format=%i"]).stdout.strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_state):
+    name, job_id = submit_sleeper(slurm_cluster, user_state)
+    admin_cancel(job_id)
+    env = dict(os.environ, **user_state)
+    import pwd
+
+    pw = pwd.getpwnam(slurm_cluster.user)
+    env.update(HOME=pw.pw_dir, USER=pw.pw_name)
+    procs = [subprocess.Popen(["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(20)]
+    results = [(p.wait(timeout=180), p.stdout.read(), p.stderr.read()) for p in procs]
+    assert all(code == 0 for code, _, _ in results), [r for r in results if r[0]]
+    actions = [json.loads(out)["deployments"][0]["action"] for _, out, _ in results]
+    assert actions.count("resubmitted") == 1, actions
+    assert set(actions) <= {"resubmitted", "busy", "ok", "backoff"}, actions
+    new_jobs = our_active_jobs(name)
+    assert len(new_jobs) == 1 and new_jobs[0] != job_id
+    status = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    assert [j["job_id"] for j in status["jobs"]] == [job_id, new_jobs[0]]
+    assert any(e["event"] == "resubmitted" and "CANCELLED" in e["detail"] for e in status["events"])
+
+    # cancelled on purpose: never resubmitted
+    assert as_user(slurm_cluster, user_state, "cancel", name).returncode == 0
+    proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+    assert json.loads(proc.stdout)["deployments"][0]["action"] == "stopped"
+    assert our_active_jobs(name) == []
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(240)
+def test_unreachable_scheduler_resubmits_nothing(slurm_cluster, user_state):
+    name, job_id = submit_sleeper(slurm_cluster, user_state)
+    admin_cancel(job_id)
+    dead = Path(tempfile.mkdtemp(prefix="hpcfed-deadctl-"))
+    os.chmod(dead, 0o755)
+    conf = Path(slurm_cluster.slurm_conf).read_text().replace("SlurmctldPort=6817", "SlurmctldPort=6999")
+    (dead / "slurm.conf").write_text(conf)
+    shutil.copy(Path(slurm_cluster.slurm_conf).with_name("gres.conf"), dead / "gres.conf")
+    state_file = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+    record = json.loads(state_file.read_text())
+    record["plan"]["scheduler"]["env"]["SLURM_CONF"] = str(dead / "slurm.conf")
+    state_file.write_text(json.dumps(record))
+    try:
+        proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+        assert proc.returncode == 4, proc.stderr
+        assert "scheduler unreachable" in proc.stderr and "nothing resubmitted" in proc.stderr
+        assert json.loads(proc.stdout)["deployments"][0]["action"] == "unknown"
+        assert our_active_jobs(name) == []
+        assert len(json.loads(state_file.read_text())["jobs"]) == 1
+    finally:
+        shutil.rmtree(dead, ignore_errors=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_dry_run_says_and_submits_nothing(slurm_cluster, user_state):
+    name, job_id = submit_sleeper(slurm_cluster, user_state)
+    admin_cancel(job_id)
+    proc = as_user(slurm_cluster, user_state, "rejoin", "--dry-run", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["deployments"][0]["action"] == "would-resubmit"
+    assert our_active_jobs(name) == []
+    as_user(slurm_cluster, user_state, "cancel", name)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(60)
+def test_cron_install_twice_leaves_one_entry(slurm_cluster, user_state):
+    need(shutil.which("crontab") is not None, "crontab not installed (scripts/bootstrap.d/46-cron.sh)")
+    user = slurm_cluster.user
+    before = run(["crontab", "-l"], user=user).stdout
+    try:
+        for every in ("10m", "5m"):
+            proc = as_user(slurm_cluster, user_state, "cron", "install", "--every", every, "--crontab")
+            assert proc.returncode == 0, proc.stderr
+        table = run(["crontab", "-l"], user=user).stdout
+        assert table.count("rejoin --log-file") == 1 and "*/5 * * * *" in table
+        assert as_user(slurm_cluster, user_state, "cron", "show", "--crontab").returncode == 0
+        assert as_user(slurm_cluster, user_state, "cron", "remove", "--crontab").returncode == 0
+        assert "rejoin" not in run(["crontab", "-l"], user=user).stdout
+        assert as_user(slurm_cluster, user_state, "cron", "show", "--crontab").returncode == 8
+    finally:
+        if before.strip():
+            run(["crontab", "-"], user=user, input=before)
