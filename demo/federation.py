@@ -138,7 +138,7 @@ class Federation:
         dash = start_dashboard()
         dash.setup_project("hpcfeddemo", server=SERVER_NAME, fl_port=FL_PORT)
         for site, email in CLIENT_SITES.items():
-            dash.add_user(email, org=site)
+            dash.add_user(email, org=site.replace("-", "_"))  # NVFlare org names: [A-Za-z0-9_]+
             dash.add_site(email, site, gpus=1)
         dash.freeze()
         self.dash = dash
@@ -172,7 +172,7 @@ class Federation:
                 f"(hpcfed image build, offline base {BASE_SIF})")
             t0 = time.monotonic()
             out = hpcfed_json("image", "build", role, "--framework", "nvflare", "--version",
-                              NVFLARE_VERSION, "--base", f"localimage:{BASE_SIF}", "--site", "local",
+                              NVFLARE_VERSION, "--base", f"localimage:{BASE_SIF}", "--site", "local", "--compression", "zstd",
                               timeout=1800)
             images[role] = out.get("path") or out.get("output")
             say(f"  built {images[role]} in {time.monotonic() - t0:.0f} s")

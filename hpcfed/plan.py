@@ -69,6 +69,9 @@ class Tunnel(_Frozen):
     local_forwards: Tuple[str, ...] = ()  # [bind:]port=ip:port
     remote_forwards: Tuple[str, ...] = ()  # port=host:port
     ready_timeout: int = 60
+    # name -> address the role's /etc/hosts must map (the federation's server name to where the
+    # tunnel delivers it): kit certificates fix the name, so the address is what must move.
+    hosts: Tuple[Tuple[str, str], ...] = ()
 
 
 class Preflight(_Frozen):
@@ -151,6 +154,38 @@ def gpu_option(dialect: str, gpus: int, gpu_type: Optional[str]) -> Optional[str
     raise ConfigError(f"gpus.dialect {dialect!r}: unknown (gres, gpus, gpus-per-node)")
 
 
+def tunnel_hosts(
+    role: str,
+    server_address: Optional[Tuple[str, int]],
+    local_forwards: Tuple[str, ...],
+    remote_forwards: Tuple[str, ...],
+) -> Tuple[Tuple[str, str], ...]:
+    """Where the federation's server name must resolve inside the role's container.
+
+    A client reaches the server through its local forward of the server's port, so the name maps
+    to that forward's bind address; the server listens where its own name resolves, so it maps
+    to the host its remote forward delivers to. No kit address (or an IP literal): nothing.
+    """
+    if not server_address or not server_address[0]:
+        return ()
+    name, port = server_address
+    if re.match(r"^[0-9.]+$", name) or ":" in name:
+        return ()
+    if role == "server":
+        for spec in remote_forwards:
+            fwd_port, _, target = spec.partition("=")
+            host, _, _tport = target.rpartition(":")
+            if fwd_port.strip() == str(port) and host:
+                return ((name, host),)
+        return ()
+    for spec in local_forwards:
+        listen, _, _target = spec.partition("=")
+        bind, _, lport = listen.rpartition(":")
+        if lport.strip() == str(port):
+            return ((name, bind or "127.0.0.1"),)
+    return ()
+
+
 def _expand_workdir(workdir: str, user: str) -> str:
     """`~/x` -> `x` (jobs are submitted from the home directory), $USER/{user} -> the user."""
     w = workdir.replace("${USER}", user).replace("$USER", user).replace("{user}", user)
@@ -180,6 +215,7 @@ def build_plan(
     tunnel_config: Optional[str] = None,
     local_forwards: Tuple[str, ...] = (),
     remote_forwards: Tuple[str, ...] = (),
+    server_address: Optional[Tuple[str, int]] = None,
 ) -> Plan:
     """Check the request against the site and freeze it into a Plan (ConfigError if impossible)."""
     p = site.profile
@@ -250,6 +286,7 @@ def build_plan(
             config=tunnel_config,
             local_forwards=tuple(local_forwards),
             remote_forwards=tuple(remote_forwards),
+            hosts=tunnel_hosts(role.name, server_address, local_forwards, remote_forwards),
         )
     elif local_forwards or remote_forwards:
         raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")

@@ -139,7 +139,7 @@ BAD_FLAGS = {
     "bad_name": (["--name", "my client"], 3, "--name 'my client'"),
     "unknown_framework": (["--framework", "nope"], 3, "--framework nope: unknown framework"),
     "unknown_site": (["--site", "atlantis"], 8, "unknown site 'atlantis'"),
-    "missing_kit": (["--no-command"], 3, "--kit: the nvflare client needs its startup kit"),
+    "missing_kit": (["--no-command"], 8, "--kit: no nvflare client kit installed for site local"),
     "kit_not_there": (["--no-command", "--kit", "/nonexistent/kit"], 8, "--kit /nonexistent/kit"),
 }
 
