@@ -171,7 +171,8 @@ def test_unknown_role_lists_the_known_ones(user_env):
 
 def test_every_command_has_help_with_an_example():
     for argv in (["submit"], ["status"], ["logs"], ["cancel"], ["sites"], ["sites", "show"],
-                 ["doctor"], ["job"], ["job", "run"]):
+                 ["doctor"], ["job"], ["job", "run"], ["rejoin"], ["cron"], ["cron", "install"],
+                 ["cron", "show"], ["cron", "remove"], ["sites", "list"]):
         proc = hpcfed(*argv, "--help")
         assert proc.returncode == 0, (argv, proc.stderr)
         assert "Example:" in proc.stdout and "hpcfed " in proc.stdout.split("Example:")[1]
