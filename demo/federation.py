@@ -187,8 +187,11 @@ class Federation:
         pulls += [("admin", ADMIN_EMAIL, ADMIN_EMAIL, [])]
         for role, site, email, extra in pulls:
             say(f"pulling the {role} kit for {site} from the dashboard (hpcfed kit pull)")
+            # --repin: every demo run creates its federation anew (a new root CA); a real user
+            # re-pins only when the project admin confirms the CA changed.
             hpcfed("kit", "pull", "--dashboard", url, "--user", email, "--role", role,
-                   "--site", site, *extra, env={"HPCFED_DASHBOARD_PASSWORD": self.passwords[email]})
+                   "--site", site, "--repin", *extra,
+                   env={"HPCFED_DASHBOARD_PASSWORD": self.passwords[email]})
 
     def tunnel_keys(self) -> None:
         """genconf on the hub, the key pair made where it is used, the public key back to the hub."""
@@ -211,7 +214,9 @@ class Federation:
         hpcfed("submit", "server", "--site", "local", "--name", "demo-server", "--gpus", "0",
                "--image", self.state.images["server"],
                "--tunnel-config", str(self.userdir / f"{SERVER_NAME}.wg.conf"),
-               "-R", f"{FL_PORT}=127.0.0.1:{FL_PORT}")
+               # The server listens on another local port: the clients' forwards of the kit's
+               # port share this one host with it (on real sites they are on other clusters).
+               "-R", f"{FL_PORT}=127.0.0.1:{FL_PORT + 10000}")
         self.state.deployments.append("demo-server")
         for i, site in enumerate(CLIENT_SITES, start=1):
             say(f"submitting the client role of {site} with 1 GPU (hpcfed submit client --site {site})")
@@ -225,8 +230,8 @@ class Federation:
     def wait_running(self, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)}
-            states = {n: d.get("state") for n, d in status.items()}
+            status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]}
+            states = {n: d.get("job_state") for n, d in status.items()}
             if all(s == "RUNNING" for s in states.values()):
                 say("all roles running: " + ", ".join(
                     f"{n} on {status[n].get('node') or status[n].get('nodes') or '?'}" for n in states))
@@ -258,7 +263,7 @@ class Federation:
                 time.sleep(0.3)
             hosts = self.userdir / "admin.hosts"
             hosts.write_text(f"127.0.0.1 localhost\n{bind} {SERVER_NAME}\n")
-            admin_kit = hpcfed_json("kit", "show", ADMIN_EMAIL)["path"]
+            admin_kit = hpcfed_json("kit", "show", ADMIN_EMAIL, "--role", "admin")["path"]
             job_dir = self.userdir / "jobs"
             if job_dir.exists():
                 shutil.rmtree(job_dir)
@@ -299,12 +304,12 @@ class Federation:
             os.killpg(tun.pid, signal.SIGTERM) if tun.poll() is None else None
 
     def summary(self, result: dict) -> str:
-        status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)}
+        status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]}
         t = self.state.timeline
         lines = ["", "=" * 72, f"federation result: {result.get('status')} (job {result.get('job_id')})",
                  "-" * 72]
         for name, d in status.items():
-            lines.append(f"{name:18} job {d.get('job_id', '?'):>6}  {d.get('state', '?'):10} "
+            lines.append(f"{name:18} job {d.get('job_id', '?'):>6}  {d.get('job_state', '?'):10} "
                          f"node {d.get('node') or d.get('nodes') or '?'}")
         if "submit" in t and "training_done" in t:
             lines.append(f"submit → training finished: {t['training_done'] - t['submit']:.0f} s")
@@ -370,3 +375,8 @@ def main(argv) -> int:
     except DemoError as exc:
         print(f"demo: error: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:  # the demo's own bug: one line, the state stays for `down`
+        if os.environ.get("HPCFED_DEBUG"):
+            raise
+        print(f"demo: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 70

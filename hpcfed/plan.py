@@ -72,6 +72,9 @@ class Tunnel(_Frozen):
     # name -> address the role's /etc/hosts must map (the federation's server name to where the
     # tunnel delivers it): kit certificates fix the name, so the address is what must move.
     hosts: Tuple[Tuple[str, str], ...] = ()
+    # A server whose kit port is served by the tunnel (-R KITPORT=host:PORT) listens on PORT:
+    # on a shared node the kit's port may be taken (NVFlare binds it on every address).
+    listen_port: Optional[int] = None
 
 
 class Preflight(_Frozen):
@@ -186,6 +189,20 @@ def tunnel_hosts(
     return ()
 
 
+def server_listen_port(
+    role: str, server_address: Optional[Tuple[str, int]], remote_forwards: Tuple[str, ...]
+) -> Optional[int]:
+    """The port a server role must listen on when its remote forward moves the kit's port."""
+    if role != "server" or not server_address or not server_address[1]:
+        return None
+    for spec in remote_forwards:
+        fwd_port, _, target = spec.partition("=")
+        _host, _, tport = target.rpartition(":")
+        if fwd_port.strip() == str(server_address[1]) and tport.isdigit() and int(tport) != server_address[1]:
+            return int(tport)
+    return None
+
+
 def _expand_workdir(workdir: str, user: str) -> str:
     """`~/x` -> `x` (jobs are submitted from the home directory), $USER/{user} -> the user."""
     w = workdir.replace("${USER}", user).replace("$USER", user).replace("{user}", user)
@@ -287,6 +304,7 @@ def build_plan(
             local_forwards=tuple(local_forwards),
             remote_forwards=tuple(remote_forwards),
             hosts=tunnel_hosts(role.name, server_address, local_forwards, remote_forwards),
+            listen_port=server_listen_port(role.name, server_address, remote_forwards),
         )
     elif local_forwards or remote_forwards:
         raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from hpcfed.errors import KitError
 from hpcfed.kit.checks import ROLE_FILES, detect_role, gpu_capacity, require_ok, verify_kit
@@ -32,6 +33,19 @@ def check_gpu_capacity(declared, gpus: int, where: str = "the kit") -> None:
             f"has {gpus}: NVFlare would stop at start-up and still exit 0. Submit with --gpus {declared}, "
             f"or have the site re-registered on the dashboard with {gpus} GPU(s) and pull the kit again"
         )
+
+
+def _move_server_port(config_path: Path, port: int) -> None:
+    """Make the server listen on `port` (the certificate names a host, not a port)."""
+    config = json.loads(config_path.read_text())
+    for server in config.get("servers", []):
+        service = server.get("service") or {}
+        host, _, old = str(service.get("target", "")).rpartition(":")
+        if host:
+            service["target"] = f"{host}:{port}"
+        if str(server.get("admin_port")) == old:
+            server["admin_port"] = port
+    config_path.write_text(json.dumps(config, indent=2))
 
 
 def _resources(kit: Path) -> dict:
@@ -65,8 +79,15 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int) -> str:
-    """Build (or refresh) `<workdir>/nvflare/<role>` from the kit; return the workspace path."""
+def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int,
+                      gpus_without_driver: bool = False, listen_port: Optional[int] = None) -> str:
+    """Build (or refresh) `<workdir>/nvflare/<role>` from the kit; return the workspace path.
+
+    `gpus_without_driver`: the job's GPUs are real to Slurm but NVML cannot see them (the site
+    profile allowed that, e.g. a test cluster's fake GPUs); NVFlare's GPU resource manager is
+    then told not to count the host's GPUs, or it stops at start-up (and exits 0).
+    `listen_port`: a server listens here instead of its kit's port (the tunnel serves that one).
+    """
     kit = Path(kit_dir)
     found = detect_role(kit)
     if found is None:
@@ -82,6 +103,8 @@ def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int) -> str:
     ws = Path(workdir) / "nvflare" / role
     ws.mkdir(parents=True, exist_ok=True, mode=0o700)
     _replace_dir(kit / "startup", ws / "startup")
+    if role == "server" and listen_port:
+        _move_server_port(ws / "startup" / "fed_server.json", listen_port)
     local = ws / "local"
     local.mkdir(exist_ok=True, mode=0o700)
     if (kit / "local").is_dir():
@@ -97,6 +120,10 @@ def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int) -> str:
             (storage / "jobs").mkdir(parents=True, exist_ok=True)
             (storage / "snapshot").mkdir(parents=True, exist_ok=True)
             _point_storage_inside(resources, storage)
+        if gpus_without_driver:
+            for comp in resources.get("components", []):
+                if comp.get("id") == "resource_manager" and "num_of_gpus" in comp.get("args", {}):
+                    comp["args"]["ignore_host"] = True
         tmp = local / ".resources.json.tmp"
         tmp.write_text(json.dumps(resources, indent=2))
         os.replace(tmp, local / "resources.json")
