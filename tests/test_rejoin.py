@@ -203,3 +203,35 @@ def test_cron_install_twice_leaves_one_entry(slurm_cluster, user_state):
     finally:
         if before.strip():
             run(["crontab", "-"], user=user, input=before)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(300)
+def test_time_limit_without_requeue_is_resubmitted_by_rejoin(slurm_cluster, user_state):
+    """A site without requeue: the warning stops the role, the job then hits its time limit
+    (TIMEOUT, not COMPLETED), and one rejoin brings the deployment back."""
+    env = dict(user_state, HPCFED_SITE__PREEMPTION__REQUEUE="false",
+               HPCFED_SITE__PREEMPTION__LEAD_TIME="30s")
+    name = f"rj-time-{uuid.uuid4().hex[:6]}"
+    role = 'trap "echo role got TERM; exit 0" TERM; echo role-started; while :; do sleep 0.1; done'
+    proc = as_user(slurm_cluster, env, "submit", "client", "--site", "local", "--gpus", "0",
+                   "--name", name, "--time", "1m", "--command", role, "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    try:
+        deadline = time.monotonic() + 200
+        while True:
+            state = run(["squeue", "--noheader", "-j", job_id, "--states=all", "--format=%T"]).stdout.strip()
+            if state in ("TIMEOUT", "COMPLETED", "FAILED", "CANCELLED"):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(1)
+        assert state == "TIMEOUT"
+        log = as_user(slurm_cluster, env, "logs", name).stdout
+        assert "received SIGUSR2" in log and "role got TERM" in log and "waiting for Slurm" in log
+        proc = as_user(slurm_cluster, env, "rejoin", "--json")
+        out = json.loads(proc.stdout)["deployments"][0]
+        assert out["action"] == "resubmitted" and "TIMEOUT" in out["detail"], out
+        assert len(our_active_jobs(name)) == 1
+    finally:
+        as_user(slurm_cluster, env, "cancel", name)

@@ -18,12 +18,13 @@ ROLE_GRACEFUL = 'trap \'echo "role got TERM"; exit 0\' TERM; echo role-started; 
 ROLE_STUBBORN = 'trap \'echo "role ignores TERM"\' TERM; echo role-started; while :; do sleep 0.1; done'
 
 
-def make_plan(tmp_path, command, grace="2s"):
+def make_plan(tmp_path, command, grace="2s", requeue=True):
     from hpcfed.frameworks import role
     from hpcfed.plan import build_plan
     from hpcfed.profiles import load_site
 
-    site = load_site("local", environ={"HPCFED_SITE__PREEMPTION__GRACE": grace})
+    site = load_site("local", environ={"HPCFED_SITE__PREEMPTION__GRACE": grace,
+                                       "HPCFED_SITE__PREEMPTION__REQUEUE": str(requeue).lower()})
     plan = build_plan(site=site, role=role("nvflare", "client"), name="sup", deployment_id="d1",
                       user="u", gpus=0, command=command)
     path = tmp_path / "plan.json"
@@ -46,16 +47,27 @@ def wait_started(proc):
 
 @pytest.mark.timeout(60)
 def test_user_signal_stops_the_role_gracefully(tmp_path):
-    plan = make_plan(tmp_path, ROLE_GRACEFUL)
+    """Warning signal, no requeue allowed: the role stops at once, the supervisor stays until
+    Slurm ends the job (so the job's final state says PREEMPTED/TIMEOUT, not COMPLETED)."""
+    plan = make_plan(tmp_path, ROLE_GRACEFUL, requeue=False)
     proc = start(plan)
     wait_started(proc)
     proc.send_signal(signal.SIGUSR2)
-    out = proc.stdout.read()
+    out = ""
+    for line in proc.stdout:
+        out += line
+        if "waiting for Slurm to end the job" in line:
+            break
+    assert proc.poll() is None  # still there, holding the job
+    proc.send_signal(signal.SIGTERM)  # Slurm ending the job
+    out += proc.stdout.read()
     assert proc.wait(timeout=30) == 0
     assert "received SIGUSR2: preemption or time limit ahead" in out
     assert "sending SIGTERM to the role" in out and "role got TERM" in out
     report = json.loads((tmp_path / "status-777.json").read_text())
     assert report["exit_code"] == 0 and report["reason"].startswith("SIGUSR2")
+    events = [json.loads(l)["event"] for l in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert events == ["started", "role-stopped", "not-requeued"]
 
 
 @pytest.mark.timeout(60)

@@ -31,9 +31,11 @@ class Supervisor:
         self.restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         self.role: Optional[subprocess.Popen] = None
         self.tunnel: Optional[subprocess.Popen] = None
+        self.preflight_report: Optional[dict] = None
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
         self.stop_started = 0.0
+        self.terminating = False  # SIGTERM/SIGINT seen: Slurm is ending the job now
 
     def event(self, kind: str, detail: str = "") -> None:
         """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
@@ -98,7 +100,12 @@ class Supervisor:
             from hpcfed.kit.workspace import prepare_workspace
         except ImportError:
             raise KitError("the plan has a kit but hpcfed.kit.workspace is not installed") from None
-        ws = prepare_workspace(self.plan.kit, str(self.workdir), self.plan.role, self.plan.resources.gpus)
+        no_driver = bool(self.preflight_report and self.preflight_report.get("skipped"))
+        if no_driver:
+            log("GPUs without a driver (allowed by the site profile): NVFlare will not count host GPUs")
+        ws = prepare_workspace(self.plan.kit, str(self.workdir), self.plan.role,
+                               self.plan.resources.gpus, gpus_without_driver=no_driver,
+                               listen_port=self.plan.tunnel.listen_port if self.plan.tunnel else None)
         log(f"workspace: {ws}")
         return Path(ws)
 
@@ -149,6 +156,8 @@ class Supervisor:
     # (5) signals
     def on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
+        if signum != getattr(signal, f"SIG{self.plan.preemption.signal}"):
+            self.terminating = True
         if self.stop_reason is None:
             user_sig = f"SIG{self.plan.preemption.signal}"
             if name == user_sig:
@@ -180,7 +189,7 @@ class Supervisor:
         self._signal_role(signal.SIGKILL)
         self.role.wait()
 
-    def requeue(self) -> None:
+    def requeue(self) -> bool:
         """After the warning signal: put this job back in the queue where the site allows it.
 
         On preemption Slurm (PreemptMode=REQUEUE) would requeue it too; ahead of the time limit
@@ -188,22 +197,32 @@ class Supervisor:
         signal, or a plain scancel) is left to Slurm's own decision.
         """
         if not self.plan.preemption.requeue or self.job_id == "nojob":
-            self.event("exiting", "requeue not allowed by the site profile")
-            return
+            self.event("not-requeued", "requeue not allowed by the site profile")
+            return False
         try:
             res = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True,
                                  text=True, timeout=30, stdin=subprocess.DEVNULL)
         except (OSError, subprocess.TimeoutExpired) as exc:
             log(f"scontrol requeue failed: {exc}")
             self.event("requeue-failed", str(exc))
-            return
+            return False
         if res.returncode == 0:
             log(f"requeued job {self.job_id} (scontrol requeue)")
             self.event("requeued", "scontrol requeue")
-        else:
-            msg = (res.stderr or res.stdout).strip()
-            log(f"scontrol requeue refused: {msg}")
-            self.event("requeue-failed", msg)
+            return True
+        msg = (res.stderr or res.stdout).strip()
+        log(f"scontrol requeue refused: {msg}")
+        self.event("requeue-failed", msg)
+        return False
+
+    def wait_for_the_end(self, limit: float) -> None:
+        """Not requeued: stay until Slurm ends the job (TERM at preemption's GraceTime or at the
+        time limit), so its final state says what happened (PREEMPTED, TIMEOUT) and `hpcfed
+        rejoin` can tell a lost role from one that finished. `limit` bounds the wait."""
+        log("role stopped; waiting for Slurm to end the job (preemption or time limit)")
+        deadline = time.monotonic() + limit
+        while not self.terminating and time.monotonic() < deadline:
+            time.sleep(0.2)
 
     def _signal_role(self, sig) -> None:
         try:
@@ -249,7 +268,7 @@ class Supervisor:
                    f"on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}" + (f", restart {self.restart}" if self.restart else ""))
         try:
             try:
-                self.preflight()
+                self.preflight_report = self.preflight()
             except GpuPreflightFailed as exc:
                 self.report(EXIT_PREFLIGHT, f"GPU preflight failed: {exc}")
                 return EXIT_PREFLIGHT
@@ -285,7 +304,8 @@ class Supervisor:
                 took = time.monotonic() - self.stop_started
                 self.event("role-stopped", f"{self.stop_reason}; role exit {code} after {took:.1f}s")
                 if self.stop_signal == getattr(signal, f"SIG{self.plan.preemption.signal}"):
-                    self.requeue()
+                    if not self.requeue():
+                        self.wait_for_the_end(self.plan.preemption.lead_time + 120)
             else:
                 self.event("role-exited", f"exit code {code}")
             return code
