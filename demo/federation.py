@@ -86,6 +86,7 @@ class State:
     admin_tunnel_pid: int = 0
     images: dict = field(default_factory=dict)
     timeline: dict = field(default_factory=dict)
+    public_keys: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls) -> "State":
@@ -152,10 +153,12 @@ class Federation:
     def site_profiles(self) -> None:
         sites = self.home / ".config" / "hpcfed" / "sites"
         sh(["mkdir", "-p", str(sites)], user=USER)
-        for site in CLIENT_SITES:
-            # Both hospitals are the test cluster; their clients run where they may be preempted.
+        for i, site in enumerate(CLIENT_SITES, start=2):
+            # Both hospitals are the test cluster; each client gets a node of its own (as if at
+            # its own site) in the partition where it may be preempted.
             text = (f"extends: local\ndescription: demo site {site} (the local test cluster)\n"
-                    "partitions:\n  default: low\n")
+                    "partitions:\n  default: low\n"
+                    f"extra_directives: [\"--nodelist=node{i}\"]\n")
             subprocess.run(["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
                            input=text, capture_output=True, text=True, check=True)
 
@@ -204,6 +207,7 @@ class Federation:
             os.chmod(conf, 0o600)
             pub = hpcfed_json("vpn", "keygen", "--config", str(conf), "--force")["public_key"]
             self.hub.hub("add", type_, peer, pub)
+            self.state.public_keys[peer] = pub
             self.tunnel_ips[peer] = info["address"].split("/")[0]
             say(f"tunnel peer {peer}: {self.tunnel_ips[peer]} (key made by {USER}, only the public key sent)")
 
@@ -239,7 +243,8 @@ class Federation:
             time.sleep(2)
         raise DemoError(f"roles not running after {timeout:.0f} s: {states}")
 
-    def run_training(self, timeout: float = 900) -> dict:
+    def run_training(self, timeout: float = 900, job_src: Path = REPO / "demo" / "jobs" / "hello-numpy",
+                     on_event=None) -> dict:
         """Submit the NVFlare job with the admin kit from inside the image, through a tunnel."""
         server_ip = self.tunnel_ips[SERVER_NAME]
         bind = "127.0.20.1"
@@ -267,15 +272,15 @@ class Federation:
             job_dir = self.userdir / "jobs"
             if job_dir.exists():
                 shutil.rmtree(job_dir)
-            shutil.copytree(REPO / "demo" / "jobs", job_dir)
+            shutil.copytree(job_src, job_dir / "job")
             shutil.copy(REPO / "demo" / "admin_job.py", self.userdir / "admin_job.py")
             sh(["chown", "-R", f"{USER}:{USER}", str(self.userdir)])
-            say("submitting the training job (hello-numpy, 3 rounds) through the admin kit")
+            say(f"submitting the training job ({job_src.name}) through the admin kit")
             argv = ["apptainer", "exec", "--cleanenv", "--containall",
                     "--bind", f"{hosts}:/etc/hosts:ro", "--bind", f"{admin_kit}:/fl/admin:ro",
                     "--bind", f"{self.userdir}:/fl/demo",
                     self.state.images["client"], "python3", "/fl/demo/admin_job.py",
-                    ADMIN_EMAIL, "/fl/admin", "/fl/demo/jobs/hello-numpy", str(timeout)]
+                    ADMIN_EMAIL, "/fl/admin", "/fl/demo/jobs/job", str(timeout)]
             proc = subprocess.Popen(["runuser", "-u", USER, "--"] + argv, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, cwd="/tmp")
             result = {}
@@ -284,6 +289,8 @@ class Federation:
                     ev = json.loads(line)
                 except ValueError:
                     continue
+                if on_event is not None:
+                    on_event(ev)
                 if ev["event"] == "clients":
                     say(f"  server sees clients: {', '.join(ev['clients']) or '(none yet)'}")
                 elif ev["event"] == "submitted":
@@ -303,6 +310,16 @@ class Federation:
         finally:
             os.killpg(tun.pid, signal.SIGTERM) if tun.poll() is None else None
 
+    def hub_traffic(self) -> dict:
+        """Bytes each peer exchanged through the hub, from the hub's own WireGuard (`wg show`)."""
+        dump = sh(["ip", "netns", "exec", self.hub.ns, "wg", "show", self.hub.iface, "dump"]).stdout
+        by_key = {}
+        for line in dump.splitlines()[1:]:
+            cols = line.split("\t")
+            by_key[cols[0]] = {"rx_bytes": int(cols[5]), "tx_bytes": int(cols[6]),
+                               "latest_handshake": int(cols[4])}
+        return {peer: by_key.get(key, {}) for peer, key in self.state.public_keys.items()}
+
     def summary(self, result: dict) -> str:
         status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]}
         t = self.state.timeline
@@ -311,6 +328,10 @@ class Federation:
         for name, d in status.items():
             lines.append(f"{name:18} job {d.get('job_id', '?'):>6}  {d.get('job_state', '?'):10} "
                          f"node {d.get('node') or d.get('nodes') or '?'}")
+        lines.append("-" * 72)
+        for peer, traffic in self.hub_traffic().items():
+            lines.append(f"tunnel {peer:12} via hub: {traffic.get('rx_bytes', 0) / 1e3:9.1f} kB in, "
+                         f"{traffic.get('tx_bytes', 0) / 1e3:9.1f} kB out")
         if "submit" in t and "training_done" in t:
             lines.append(f"submit → training finished: {t['training_done'] - t['submit']:.0f} s")
         lines += ["", "see it yourself (as hpcuser):  hpcfed status; hpcfed logs demo-server",
