@@ -3,6 +3,7 @@ every broken profile or flag gives one clear line (file and key) with no traceba
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -176,3 +177,27 @@ def test_every_command_has_help_with_an_example():
         proc = hpcfed(*argv, "--help")
         assert proc.returncode == 0, (argv, proc.stderr)
         assert "Example:" in proc.stdout and "hpcfed " in proc.stdout.split("Example:")[1]
+
+
+def test_unreadable_config_directory_is_one_clear_line(tmp_path):
+    """A config directory the user cannot enter (here: root's private pytest dir as another
+    user) is named, not a traceback."""
+    users = [u for u in ("hpcuser", "nobody") if _exists(u)]
+    if os.geteuid() != 0 or not users:
+        pytest.skip("needs root and another user to make a directory unreadable for")
+    os.chmod(tmp_path, 0o700)
+    proc = hpcfed("sites", "show", "local", user=users[0],
+                  env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")})
+    assert proc.returncode == 3, proc.stderr
+    assert "cannot read" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _exists(user):
+    import pwd
+
+    try:
+        pwd.getpwnam(user)
+        return True
+    except KeyError:
+        return False

@@ -199,3 +199,45 @@ def test_status_polls_all_deployments_in_one_call(slurm_cluster):
     assert proc.returncode == 3 and "already has job" in proc.stderr
     for name in names:
         assert as_user(slurm_cluster, "cancel", name).returncode == 0
+
+
+@pytest.mark.timeout(120)
+def test_logs_follow_prints_until_the_job_ends(slurm_cluster):
+    name = unique("follow")
+    cmd = "for i in 1 2 3; do echo tick-$i; sleep 1; done; echo last-line"
+    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "0",
+                   "--name", name, "--command", cmd)
+    assert proc.returncode == 0, proc.stderr
+    proc = as_user(slurm_cluster, "logs", name, "--follow", timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert [l for l in lines if l.startswith("tick-")] == ["tick-1", "tick-2", "tick-3"]
+    assert "last-line" in lines and "role ended: exit code 0" in proc.stdout
+    assert "COMPLETED" in proc.stderr  # it stopped because the job ended
+
+
+@pytest.mark.timeout(120)
+def test_doctor_checks_the_site_and_says_what_to_fix(slurm_cluster):
+    proc = as_user(slurm_cluster, "doctor", "--site", "local", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    checks = {r["check"]: r for r in json.loads(proc.stdout)}
+    for check in ("profile", "scheduler", "accounting", "partition default", "partition preemptable",
+                  "gpus", "apptainer", "hpcfed on cluster"):
+        assert checks[check]["ok"], checks[check]
+
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="hpcfed-doctor-"))  # readable by the cluster user
+    cfg = top / "hpcfed" / "sites"
+    cfg.mkdir(parents=True)
+    (cfg / "wrongpart.yaml").write_text("extends: local\npartitions: {default: nosuch}\ngpus: {types: [a40, h100]}\n")
+    for d in (top, top / "hpcfed", cfg):
+        os.chmod(d, 0o755)
+    try:
+        proc = as_user(slurm_cluster, "doctor", "--site", "wrongpart", env={"XDG_CONFIG_HOME": str(top)})
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    fails = [l for l in proc.stdout.splitlines() if " FAIL " in l]
+    assert any("partition default" in l and "nosuch" in l and "partitions.default" in l for l in fails), proc.stdout
+    assert any("gpus" in l and "h100" in l for l in fails), proc.stdout

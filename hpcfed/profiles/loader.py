@@ -165,7 +165,11 @@ def _layers_for(name: str, seen: Tuple[str, ...] = ()) -> List[Layer]:
         raise ConfigError(f"site {name!r}: `extends` loops: {' -> '.join(seen + (name,))}")
     layers: List[Layer] = []
     for p in (bundled_path(name), user_path(name)):
-        if p.is_file():
+        try:
+            exists = p.is_file()
+        except OSError as exc:  # e.g. a config directory this user cannot enter
+            raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+        if exists:
             layers.append(Layer(str(p), read_yaml(p)))
     if not layers:
         known = ", ".join(site_names()) or "none"
