@@ -116,3 +116,11 @@ def test_warning_signal_through_slurm_reaches_the_supervisor(slurm_cluster):
         log = hpcfed("logs", name, user=slurm_cluster.user).stdout
     assert "received SIGUSR2" in log and "role got TERM" in log
     hpcfed("cancel", name, user=slurm_cluster.user)
+
+
+def test_a_plan_it_cannot_read_is_one_line_not_a_traceback(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_text('{"name": 1}')
+    proc = hpcfed("job", "run", str(bad))
+    assert proc.returncode == 3
+    assert proc.stderr.strip() == f"hpcfed: error: {bad}: not a plan this hpcfed can run (name: Input should be a valid string)"

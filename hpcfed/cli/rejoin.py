@@ -61,7 +61,8 @@ def rejoin(dry_run, log_file, as_json):
     if log_file:
         _rotate(log_file)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        with open(log_file, "a") as f:
+        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as f:
             for r in rows:
                 if r["action"] not in ("ok", "stopped", "ended"):
                     f.write(f"{stamp} {r['name']} {r['action']} {r['new_job_id'] or r['job_id'] or ''} {r['detail']}\n")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from hpcfed.errors import GpuPreflightFailed, HpcfedError, KitError, TunnelError
+from hpcfed.errors import ConfigError, GpuPreflightFailed, HpcfedError, KitError, TunnelError
 from hpcfed.plan import Plan
 
 EXIT_PREFLIGHT = 10
@@ -315,5 +315,10 @@ class Supervisor:
 
 def run_plan(plan_path: str) -> int:
     path = Path(plan_path).resolve()
-    plan = Plan.from_json(path.read_text())
+    try:
+        plan = Plan.from_json(path.read_text())
+    except ValueError as exc:  # pydantic's ValidationError is one: a plan from another version
+        errors = exc.errors() if hasattr(exc, "errors") else []
+        why = (f"{'.'.join(str(x) for x in errors[0]['loc'])}: {errors[0]['msg']}" if errors else str(exc))
+        raise ConfigError(f"{path}: not a plan this hpcfed can run ({why})") from None
     return Supervisor(plan, path.parent).run()
