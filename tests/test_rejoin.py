@@ -146,6 +146,19 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
     assert json.loads(proc.stdout)["deployments"][0]["action"] == "stopped"
     assert our_active_jobs(name) == []
 
+    # `submit` of the same name resumes the same deployment (and rejoin looks after it again)
+    before = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+    first_id = json.loads(record.read_text())["deployment_id"]
+    proc = as_user(slurm_cluster, user_state, "submit", "client", "--site", "local", "--gpus", "0",
+                   "--name", name, "--command", "sleep 600", "--json")
+    assert proc.returncode == 0, proc.stderr
+    resumed = json.loads(proc.stdout)
+    assert resumed["deployment_id"] == first_id
+    after = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    assert after["stopped"] is False and len(after["jobs"]) == len(before["jobs"]) + 1
+    assert as_user(slurm_cluster, user_state, "cancel", name).returncode == 0
+
 
 @pytest.mark.slurm
 @pytest.mark.timeout(240)
