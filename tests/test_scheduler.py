@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,29 @@ def test_live_lock_is_waited_for_then_refused(tmp_path):
         with pytest.raises(EnvironmentProblem, match="held by another hpcfed"):
             with lease_lock(lock, lease=60, wait=0.3):
                 pass
+
+
+def _stale_breaker(args):
+    lock, out = args
+    with lease_lock(Path(lock), lease=5, wait=10) as token:
+        with open(out, "a") as f:
+            f.write(f"in {token}\n")
+            f.flush()
+        time.sleep(0.2)
+        with open(out, "a") as f:
+            f.write(f"out {token}\n")
+
+
+def test_racing_stale_lock_breakers_still_exclude_each_other(tmp_path):
+    """Many processes find the same stale lock at once: they still enter one at a time."""
+    lock = tmp_path / "x.lock"
+    lock.write_text(json.dumps({"holder": "crashed"}))
+    old = time.time() - 120
+    os.utime(lock, (old, old))
+    out = tmp_path / "trace"
+    with multiprocessing.get_context("fork").Pool(8) as pool:
+        pool.map(_stale_breaker, [(str(lock), str(out))] * 8)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 16
+    for i in range(0, 16, 2):  # strictly in/out pairs of the same holder: never two inside
+        assert lines[i].startswith("in ") and lines[i + 1] == "out " + lines[i][3:]

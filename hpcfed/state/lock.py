@@ -13,6 +13,8 @@ from pathlib import Path
 
 from hpcfed.errors import EnvironmentProblem
 
+GUARD_LEASE = 30.0  # a stale-lock breaker holds its guard for milliseconds
+
 
 @contextlib.contextmanager
 def lease_lock(path: Path, lease: float = 60.0, wait: float = 30.0, poll: float = 0.05):
@@ -28,11 +30,7 @@ def lease_lock(path: Path, lease: float = 60.0, wait: float = 30.0, poll: float 
             except FileNotFoundError:
                 continue
             if age > lease:
-                with contextlib.suppress(FileNotFoundError):
-                    os.rename(path, path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}"))
-                    for old in path.parent.glob(f"{path.name}.stale.*"):
-                        with contextlib.suppress(FileNotFoundError):
-                            old.unlink()
+                _break_stale(path, lease)
                 continue
             if time.monotonic() > deadline:
                 raise EnvironmentProblem(f"{path}: held by another hpcfed for {age:.0f}s; try again")
@@ -48,3 +46,39 @@ def lease_lock(path: Path, lease: float = 60.0, wait: float = 30.0, poll: float 
         with contextlib.suppress(OSError, ValueError):
             if json.loads(path.read_text()).get("holder") == token:
                 path.unlink()
+
+
+def _break_stale(path: Path, lease: float) -> None:
+    """Remove a stale lock, one breaker at a time.
+
+    Several waiters may judge the same lock stale at once; removing it blindly lets a slow one
+    delete the fresh lock a fast one has just made. So breakers serialise on a guard file, look
+    again under it, and move the lock aside only if it is still the stale one (same inode); a
+    fresh lock moved by mistake is linked back (link() is atomic: it fails if a newer one exists).
+    """
+    guard = path.with_name(f"{path.name}.break")
+    try:
+        os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - guard.stat().st_mtime > GUARD_LEASE:  # a breaker that crashed
+                guard.unlink()
+        time.sleep(0.01)
+        return
+    try:
+        st = path.stat()
+        if time.time() - st.st_mtime <= lease:
+            return  # someone else broke it and a new holder has it
+        moved = path.with_name(f"{path.name}.stale.{uuid.uuid4().hex}")
+        os.rename(path, moved)
+        try:
+            if os.stat(moved).st_ino != st.st_ino:
+                with contextlib.suppress(FileExistsError):
+                    os.link(moved, path)
+        finally:
+            moved.unlink()
+    except FileNotFoundError:
+        pass
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            guard.unlink()
