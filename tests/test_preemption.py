@@ -54,7 +54,7 @@ def test_preempted_client_stops_gracefully_and_runs_again(slurm_cluster):
                        "the role running again")
         first, again = log.split("restart 1", 1)
         # stopped gracefully, before the restart
-        assert "received SIGUSR2: preemption or time limit ahead" in first
+        assert "received SIGUSR2: preemption or time limit ahead (preemption)" in first
         assert "role got TERM, saving state" in first
         assert "requeued job" in first or "DUE TO PREEMPTION" in first
         assert "\nrole-started" in again

@@ -242,6 +242,7 @@ def test_time_limit_without_requeue_is_resubmitted_by_rejoin(slurm_cluster, user
         assert state == "TIMEOUT"
         log = as_user(slurm_cluster, env, "logs", name).stdout
         assert "received SIGUSR2" in log and "role got TERM" in log and "waiting for Slurm" in log
+        assert "(time limit in about" in log  # told apart from a preemption
         proc = as_user(slurm_cluster, env, "rejoin", "--json")
         out = json.loads(proc.stdout)["deployments"][0]
         assert out["action"] == "resubmitted" and "TIMEOUT" in out["detail"], out

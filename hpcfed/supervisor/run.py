@@ -35,6 +35,7 @@ class Supervisor:
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
         self.stop_started = 0.0
+        self.started = time.monotonic()  # this run of the job (a requeued job starts afresh)
         self.terminating = False  # SIGTERM/SIGINT seen: Slurm is ending the job now
 
     def event(self, kind: str, detail: str = "") -> None:
@@ -161,12 +162,19 @@ class Supervisor:
         if self.stop_reason is None:
             user_sig = f"SIG{self.plan.preemption.signal}"
             if name == user_sig:
-                self.stop_reason = f"{name}: preemption or time limit ahead"
+                self.stop_reason = f"{name}: preemption or time limit ahead ({self._which_end()})"
             else:
                 self.stop_reason = f"{name}: job is being stopped"
             self.stop_signal = signum
             self.stop_started = time.monotonic()
             log(f"received {self.stop_reason}; stopping the role")
+
+    def _which_end(self) -> str:
+        """Slurm sends the same warning for both; the time already run tells them apart."""
+        left = self.plan.resources.time_seconds - (time.monotonic() - self.started)
+        if left <= self.plan.preemption.lead_time + 30:  # slurmctld may signal up to ~30 s late
+            return f"time limit in about {max(0, int(left))}s"
+        return "preemption"
 
     def stop_role(self) -> None:
         if self.role is None or self.role.poll() is not None:
