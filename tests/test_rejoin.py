@@ -249,3 +249,34 @@ def test_time_limit_without_requeue_is_resubmitted_by_rejoin(slurm_cluster, user
         assert len(our_active_jobs(name)) == 1
     finally:
         as_user(slurm_cluster, env, "cancel", name)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(120)
+def test_no_record_but_the_role_exited_by_itself_is_not_resubmitted(slurm_cluster, user_state):
+    """Without accounting a finished job vanishes from squeue after MinJobAge: rejoin then reads
+    the job's own exit report instead of resubmitting a role that ended normally."""
+    name = f"rj-done-{uuid.uuid4().hex[:6]}"
+    proc = as_user(slurm_cluster, user_state, "submit", "client", "--site", "local", "--gpus", "0",
+                   "--name", name, "--command", "echo done", "--json")
+    assert proc.returncode == 0, proc.stderr
+    job_id = json.loads(proc.stdout)["job_id"]
+    report = Path(f"/home/{slurm_cluster.user}/hpcfed/{name}/status-{job_id}.json")
+    deadline = time.monotonic() + 60
+    while not report.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    # the scheduler "forgets" the job: point the record at a job id it never had
+    record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+    data = json.loads(record.read_text())
+    data["jobs"][-1]["job_id"] = "999999"
+    record.write_text(json.dumps(data))
+    report.rename(report.with_name("status-999999.json"))
+    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][0]
+    assert out["action"] == "ended" and "exited by itself" in out["detail"], out
+    assert our_active_jobs(name) == []
+    # and without that report the same answer means lost: resubmitted
+    report.with_name("status-999999.json").unlink()
+    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][0]
+    assert out["action"] == "resubmitted" and "GONE" in out["detail"], out
+    as_user(slurm_cluster, user_state, "cancel", name)

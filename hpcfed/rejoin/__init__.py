@@ -97,6 +97,14 @@ def _resubmit(store: DeploymentStore, name: str, now: Callable[[], float], dry_r
             action, why = decide(dep, info, now())
             if action != "resubmit":
                 return Outcome(name, action, why, dep.job_id)
+            if info.state == GONE:
+                # No record (accounting off, job purged): the job's own exit report tells a
+                # role that finished by itself from one that was lost.
+                report = _exit_report(runner, plan, dep.job_id)
+                if report and report.get("reason") == "role exited":
+                    return Outcome(name, "ended", (
+                        f"job {dep.job_id} left no scheduler record, but its role exited by itself "
+                        f"(code {report.get('exit_code')}); not resubmitted"), dep.job_id)
             newer = scheduler.find(plan.job_name, plan.comment)
             if newer and int(newer) > int(dep.job_id):
                 ninfo = scheduler.query([newer])[newer]
@@ -121,6 +129,16 @@ def _resubmit(store: DeploymentStore, name: str, now: Callable[[], float], dry_r
         return Outcome(name, "error", str(exc))
     finally:
         lock.__exit__(None, None, None)
+
+
+def _exit_report(runner, plan, job_id: str) -> Optional[dict]:
+    """The supervisor's status-JOBID.json from the deployment directory, if there is one."""
+    import json
+
+    try:
+        return json.loads(runner.read_file(f"{plan.workdir}/status-{job_id}.json"))
+    except (OSError, ValueError, HpcfedError):
+        return None
 
 
 def reconcile(store: Optional[DeploymentStore] = None, *, dry_run: bool = False,
