@@ -115,13 +115,12 @@ def test_gpu_dialects_render_and_run(slurm_cluster, dialect, env, gpu_line):
 @pytest.mark.timeout(120)
 def test_dry_run_touches_nothing(slurm_cluster):
     name = unique("dry")
-    before = run(["squeue", "--noheader", "--format=%i"]).stdout
     proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "1",
                    "--name", name, "--command", "true", "--dry-run", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["plan"]["name"] == name and out["script"].startswith("#!/bin/bash")
-    assert run(["squeue", "--noheader", "--format=%i"]).stdout == before
+    assert run(["squeue", "--noheader", "--states=all", f"--name=hpcfed-{name}", "--format=%i"]).stdout == ""
     assert as_user(slurm_cluster, "status", name).returncode == 8  # no such deployment
     assert not os.path.exists(f"/home/{slurm_cluster.user}/hpcfed/{name}")
 
