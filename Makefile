@@ -7,11 +7,11 @@ PYTEST_ARGS ?=
 .PHONY: bootstrap test demo demo-down install bench clean
 
 bootstrap:
-	bash scripts/bootstrap
+	HPCFED_VENV=$(VENV) bash scripts/bootstrap
 
 # Reinstall only the Python package (after a code change), not the system packages.
 install:
-	bash scripts/bootstrap.d/20-python.sh
+	HPCFED_VENV=$(VENV) bash scripts/bootstrap.d/20-python.sh
 
 test: bootstrap
 	HPCFED_VENV=$(VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
