@@ -22,7 +22,14 @@ enum Down {
 /// Splice `stream` and the tunnel socket `h` until both directions ended.
 pub async fn bridge(shared: Shared, mut stream: TcpStream, h: SocketHandle) {
     let _ = stream.set_nodelay(true);
-    let failed = splice(&shared, &mut stream, h).await;
+    let why = splice(&shared, &mut stream, h).await;
+    let failed = why.is_some();
+    if let Some(why) = why {
+        if crate::debug() {
+            let st = shared.lock().sockets.get::<tcp::Socket>(h).state();
+            eprintln!("hpcfed tunnel: connection failed: {why} (tunnel socket {st})");
+        }
+    }
     {
         let mut st = shared.lock();
         if failed {
@@ -44,8 +51,8 @@ fn reset(stream: &TcpStream) {
     let _ = stream.set_linger(Some(std::time::Duration::ZERO));
 }
 
-/// Returns whether the connection failed (reset on either side) rather than closing cleanly.
-async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> bool {
+/// Returns why the connection failed (reset on either side), None when it closed cleanly.
+async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> Option<&'static str> {
     let (mut rd, mut wr) = stream.split();
     // local -> tunnel
     let up = async {
@@ -62,7 +69,7 @@ async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> bool {
                     s.register_send_waker(cx.waker());
                     Poll::Pending
                 } else {
-                    Poll::Ready(Err(()))
+                    Poll::Ready(Err("tunnel side stopped accepting data"))
                 }
             })
             .await?;
@@ -74,14 +81,14 @@ async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> bool {
                     s.close(); // FIN after queued data: the half-close crosses the tunnel
                     drop(st);
                     sh.kick.notify_one();
-                    return Ok(());
+                    return Ok::<(), &'static str>(());
                 }
                 Ok(n) => {
                     let _ = s.send_slice(&buf[..n]);
                     drop(st);
                     sh.kick.notify_one();
                 }
-                Err(_) => return Err(()),
+                Err(_) => return Err("local read failed"),
             }
         }
     };
@@ -111,24 +118,24 @@ async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> bool {
                 Down::Data(n) => {
                     sh.kick.notify_one(); // our receive window opened
                     if wr.write_all(&buf[..n]).await.is_err() {
-                        return Err(());
+                        return Err("local write failed");
                     }
                 }
                 Down::Eof => {
                     let _ = wr.shutdown().await;
-                    return Ok(());
+                    return Ok::<(), &'static str>(());
                 }
-                Down::Reset => return Err(()),
+                Down::Reset => return Err("tunnel side reset"),
             }
         }
     };
     tokio::pin!(up);
     tokio::pin!(down);
-    let (mut up_done, mut down_done, mut failed) = (false, false, false);
-    while !(up_done && down_done) && !failed {
+    let (mut up_done, mut down_done, mut failed) = (false, false, None);
+    while !(up_done && down_done) && failed.is_none() {
         tokio::select! {
-            r = &mut up, if !up_done => { up_done = true; failed = r.is_err(); }
-            r = &mut down, if !down_done => { down_done = true; failed = r.is_err(); }
+            r = &mut up, if !up_done => { up_done = true; failed = r.err(); }
+            r = &mut down, if !down_done => { down_done = true; failed = r.err(); }
         }
     }
     failed

@@ -9,6 +9,12 @@ mod spec;
 mod stack;
 mod tunnel;
 
+/// HPCFED_TUNNEL_DEBUG=1: log why connections end abnormally.
+pub(crate) fn debug() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("HPCFED_TUNNEL_DEBUG").is_some_and(|v| v == "1"))
+}
+
 /// Version of the compiled data plane, so `hpcfed doctor` can tell a stale build.
 #[pyfunction]
 fn version() -> &'static str {

@@ -123,12 +123,7 @@ impl Stack {
     }
 
     fn new_socket(&self) -> tcp::Socket<'static> {
-        let mut s = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0u8; self.buffer]),
-            tcp::SocketBuffer::new(vec![0u8; self.buffer]),
-        );
-        s.set_nagle_enabled(false);
-        s
+        new_socket(self.buffer)
     }
 
     /// Open an outbound tunnel connection (local forward) to target:port.
@@ -149,24 +144,39 @@ impl Stack {
     pub fn refill_listeners(&mut self) -> Vec<Inbound> {
         let mut fresh = vec![];
         let buffer = self.buffer;
+        let pooled: std::collections::HashSet<SocketHandle> =
+            self.listeners.iter().flat_map(|l| l.pool.iter().copied()).collect();
         for l in self.listeners.iter_mut() {
             let mut keep = vec![];
             for h in l.pool.drain(..) {
-                let st = self.sockets.get::<tcp::Socket>(h).state();
-                match st {
+                let s = self.sockets.get::<tcp::Socket>(h);
+                match s.state() {
                     tcp::State::Listen => keep.push(h),
                     tcp::State::Closed => {
                         self.sockets.remove(h);
                     }
-                    _ => fresh.push(Inbound { handle: h, host: l.host.clone(), host_port: l.host_port }),
+                    _ => {
+                        // A retransmitted SYN of a connection another socket already holds can
+                        // land on a listener first (smoltcp tries sockets in slot order): drop
+                        // that twin silently, before it answers.
+                        let key = (s.local_endpoint(), s.remote_endpoint());
+                        let twin = self.sockets.iter().any(|(oh, o)| {
+                            oh != h
+                                && !pooled.contains(&oh)
+                                && matches!(o, smoltcp::socket::Socket::Tcp(t)
+                                    if t.state() != tcp::State::Closed
+                                        && (t.local_endpoint(), t.remote_endpoint()) == key)
+                        });
+                        if twin {
+                            self.sockets.remove(h);
+                        } else {
+                            fresh.push(Inbound { handle: h, host: l.host.clone(), host_port: l.host_port });
+                        }
+                    }
                 }
             }
             while keep.len() < LISTEN_POOL {
-                let mut s = tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0u8; buffer]),
-                    tcp::SocketBuffer::new(vec![0u8; buffer]),
-                );
-                s.set_nagle_enabled(false);
+                let mut s = new_socket(buffer);
                 if s.listen(l.port).is_err() {
                     break;
                 }
@@ -174,7 +184,21 @@ impl Stack {
             }
             l.pool = keep;
         }
+        self.counters.active += fresh.len() as u64;
+        self.counters.total += fresh.len() as u64;
         fresh
+    }
+
+    /// Feed one decrypted packet to the stack right away. Packet by packet, so a burst of SYNs
+    /// for a remote forward finds a fresh listener for each one.
+    pub fn ingest(&mut self, packet: Vec<u8>) -> Vec<Inbound> {
+        self.device.rx.push_back(packet);
+        self.iface.poll_ingress_single(SInstant::now(), &mut self.device, &mut self.sockets);
+        if !self.listeners.is_empty() {
+            self.refill_listeners()
+        } else {
+            vec![]
+        }
     }
 
     pub fn socket(&mut self, h: SocketHandle) -> &mut tcp::Socket<'static> {
@@ -210,6 +234,22 @@ impl Stack {
         }
         self.dead = keep;
     }
+}
+
+fn new_socket(buffer: usize) -> tcp::Socket<'static> {
+    let mut s = tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+        tcp::SocketBuffer::new(vec![0u8; buffer]),
+    );
+    s.set_nagle_enabled(false);
+    // Without congestion control a full window bursts into the hub, whose UDP socket drops it.
+    s.set_congestion_control(tcp::CongestionControl::Cubic);
+    // smoltcp sends no zero-window probes: if the peer's window update is lost (a userspace
+    // hub drops bursts), the sender would wait forever. A keep-alive draws an ACK carrying the
+    // current window, so a stalled connection resumes within a second.
+    s.set_keep_alive(Some(smoltcp::time::Duration::from_secs(1)));
+    s.set_timeout(Some(smoltcp::time::Duration::from_secs(60))); // unanswered SYN/data: give up
+    s
 }
 
 fn rand_seed() -> u64 {

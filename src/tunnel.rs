@@ -80,6 +80,8 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
         .await
         .map_err(|e| Stop::Tunnel(format!("cannot open a UDP socket: {e}")))?;
 
+    grow_buffers(&udp);
+
     let shared = Shared {
         stack: Arc::new(Mutex::new(Stack::new(spec.address, spec.prefix, spec.mtu, spec.buffer_kib * 1024))),
         kick: Arc::new(Notify::new()),
@@ -119,14 +121,14 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
         let _ = udp.send_to(p, hub).await;
     }
 
+    let mut fresh = vec![]; // inbound connections accepted while reading datagrams
     let result = loop {
         // 1. Run the stack and send what it produced.
         let (out, delay, inbound) = {
             let mut st = shared.lock();
             let mut delay = st.poll();
-            let inbound = st.refill_listeners();
-            st.counters.active += inbound.len() as u64;
-            st.counters.total += inbound.len() as u64;
+            let mut inbound = st.refill_listeners();
+            inbound.extend(fresh.drain(..));
             if !inbound.is_empty() {
                 delay = Some(Duration::ZERO); // fresh listeners must answer the next SYNs
             }
@@ -152,14 +154,14 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
             r = udp.recv_from(&mut rbuf) => {
                 if let Ok((n, from)) = r {
                     if from == hub || from.ip() == hub.ip() {
-                        let got = self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared).await;
+                        let got = self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared, &mut fresh).await;
                         if got { last_rx = Instant::now(); }
                     }
                     // Drain whatever else already arrived before running the stack again.
                     for _ in 0..64 {
                         match udp.try_recv_from(&mut rbuf) {
                             Ok((n, from)) if from.ip() == hub.ip() => {
-                                if self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared).await {
+                                if self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared, &mut fresh).await {
                                     last_rx = Instant::now();
                                 }
                             }
@@ -231,6 +233,20 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
         }
         if now >= next_status {
             next_status = now + Duration::from_secs(1);
+            if crate::debug() {
+                let mut st = shared.lock();
+                for (_, sock) in st.sockets.iter_mut() {
+                    let smoltcp::socket::Socket::Tcp(t) = sock;
+                    {
+                        if t.state() != smoltcp::socket::tcp::State::Listen {
+                            eprintln!(
+                                "hpcfed tunnel: debug: {} {:?} -> {:?} send_queue={} recv_queue={}",
+                                t.state(), t.local_endpoint(), t.remote_endpoint(), t.send_queue(), t.recv_queue()
+                            );
+                        }
+                    }
+                }
+            }
             if let Some(sf) = &spec.status_file {
                 let c = shared.lock().counters.clone();
                 let st = Status {
@@ -271,6 +287,7 @@ async fn on_datagram(
     data: &[u8],
     wbuf: &mut [u8],
     shared: &Shared,
+    fresh: &mut Vec<crate::stack::Inbound>,
 ) -> bool {
     let mut first = true;
     let mut authentic = false;
@@ -285,11 +302,34 @@ async fn on_datagram(
                 // repeat with an empty datagram until Done: flushes packets queued for a session
             }
             TunnResult::WriteToTunnelV4(p, _src) => {
-                shared.lock().device.rx.push_back(p.to_vec());
+                fresh.extend(shared.lock().ingest(p.to_vec()));
                 return true;
             }
             TunnResult::WriteToTunnelV6(..) | TunnResult::Done => return true,
             TunnResult::Err(_) => return authentic,
+        }
+    }
+}
+
+/// Bigger UDP buffers than the 208 KiB default absorb bursts of many connections. Unprivileged
+/// processes get at most net.core.{r,w}mem_max; the FORCE variants work for root.
+fn grow_buffers(udp: &UdpSocket) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for opt in [force, plain] {
+            let r = unsafe {
+                libc::setsockopt(
+                    udp.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    &size as *const _ as *const libc::c_void,
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if r == 0 {
+                break;
+            }
         }
     }
 }
