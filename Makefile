@@ -14,7 +14,7 @@ install:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap.d/20-python.sh
 
 test: bootstrap
-	HPCFED_VENV=$(VENV) $(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 demo: bootstrap
 	HPCFED_VENV=$(VENV) bash scripts/demo

@@ -26,10 +26,11 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 from benchmarks.machine import describe  # noqa: E402
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 BASE_SIF = "/var/cache/hpcfed/base-bookworm.sif"
 VERSION = "2.9.0"
 

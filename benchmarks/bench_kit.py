@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from benchmarks.machine import describe  # noqa: E402
 from nvflare_dashboard import start_dashboard  # noqa: E402
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 EMAIL = "bench@orga.test"
 
 

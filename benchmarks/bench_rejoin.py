@@ -23,10 +23,11 @@ import time
 import uuid
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import describe  # noqa: E402
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 USER = "hpcuser"
 ROLE = 'trap "exit 0" TERM; echo role-started; while :; do sleep 0.1; done'
 

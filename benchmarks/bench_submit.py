@@ -23,10 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import describe  # noqa: E402
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 HPCFED_BIN = str(Path(sys.executable).with_name("hpcfed"))
 SLURM_CONF = "/var/lib/hpcfed/testcluster/etc/slurm.conf"
 

@@ -11,14 +11,16 @@ import datetime
 import json
 import statistics
 import subprocess
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))
 from benchmarks.machine import describe  # noqa: E402
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 
 
 def main() -> None:

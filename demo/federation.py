@@ -30,7 +30,8 @@ from demo.hubnet import HubNet
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the real-dashboard driver the kit tests use too
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 STATE_DIR = Path(os.environ.get("HPCFED_DEMO_DIR", "/var/tmp/hpcfed-demo"))
 USER = "hpcuser"
 NVFLARE_VERSION = os.environ.get("HPCFED_DEMO_NVFLARE", "2.9.0")

@@ -11,7 +11,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 
 
 @dataclass

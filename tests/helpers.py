@@ -7,7 +7,8 @@ import sys
 from typing import Mapping, Optional, Sequence
 
 # Tests run under the venv's interpreter: `python -m hpcfed` is the installed package.
-HPCFED = [sys.executable, "-m", "hpcfed"]
+# The installed command: `python -m hpcfed` would import a source tree in the working directory.
+HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 IN_CI = os.environ.get("CI") == "true"
 
 

@@ -20,7 +20,7 @@ import pytest
 from helpers import need, run
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO))  # demo/ only: hpcfed itself comes from the installed package
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.apptainer, pytest.mark.nvflare,
               pytest.mark.wireguard]

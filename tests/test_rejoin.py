@@ -161,28 +161,37 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
 
 
 @pytest.mark.slurm
-@pytest.mark.timeout(240)
-def test_unreachable_scheduler_resubmits_nothing(slurm_cluster, user_state):
+@pytest.mark.timeout(300)
+def test_stopped_slurmctld_resubmits_nothing_then_rejoin_resumes(slurm_cluster, user_state):
+    """The real controller stopped: rejoin must not read that as 'job gone'."""
+    from hpcfed.testcluster.cluster import TestCluster
+    from hpcfed.testcluster.spec import ClusterSpec
+
     name, job_id = submit_sleeper(slurm_cluster, user_state)
     admin_cancel(job_id)
-    dead = Path(tempfile.mkdtemp(prefix="hpcfed-deadctl-"))
-    os.chmod(dead, 0o755)
-    conf = Path(slurm_cluster.slurm_conf).read_text().replace("SlurmctldPort=6817", "SlurmctldPort=6999")
-    (dead / "slurm.conf").write_text(conf)
-    shutil.copy(Path(slurm_cluster.slurm_conf).with_name("gres.conf"), dead / "gres.conf")
+    survivor, survivor_job = submit_sleeper(slurm_cluster, user_state)  # must outlive the outage
     state_file = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
-    record = json.loads(state_file.read_text())
-    record["plan"]["scheduler"]["env"]["SLURM_CONF"] = str(dead / "slurm.conf")
-    state_file.write_text(json.dumps(record))
+    cluster = TestCluster(ClusterSpec(prefix=slurm_cluster.prefix))
+    assert cluster.stop_daemon("slurmctld")
     try:
-        proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+        proc = as_user(slurm_cluster, user_state, "rejoin", "--json", timeout=180)
         assert proc.returncode == 4, proc.stderr
         assert "scheduler unreachable" in proc.stderr and "nothing resubmitted" in proc.stderr
-        assert json.loads(proc.stdout)["deployments"][0]["action"] == "unknown"
-        assert our_active_jobs(name) == []
+        actions = {d["name"]: d["action"] for d in json.loads(proc.stdout)["deployments"]}
+        assert actions[name] == "unknown" and actions[survivor] == "unknown"
         assert len(json.loads(state_file.read_text())["jobs"]) == 1
     finally:
-        shutil.rmtree(dead, ignore_errors=True)
+        up = hpcfed("testcluster", "up", "--json", timeout=300)
+        assert up.returncode == 0, up.stderr
+        assert json.loads(up.stdout)["started"] == ["slurmctld"]  # only what was down
+    assert our_active_jobs(survivor) == [survivor_job]  # the running job lived through it
+    proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+    assert proc.returncode == 0, proc.stderr
+    actions = {d["name"]: d["action"] for d in json.loads(proc.stdout)["deployments"]}
+    assert actions[name] == "resubmitted" and actions[survivor] == "ok"
+    assert len(our_active_jobs(name)) == 1
+    for n in (name, survivor):
+        as_user(slurm_cluster, user_state, "cancel", n)
 
 
 @pytest.mark.slurm

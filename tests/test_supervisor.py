@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from helpers import hpcfed, run
+from helpers import HPCFED, hpcfed, run
 
 ROLE_GRACEFUL = 'trap \'echo "role got TERM"; exit 0\' TERM; echo role-started; while :; do sleep 0.1; done'
 ROLE_STUBBORN = 'trap \'echo "role ignores TERM"\' TERM; echo role-started; while :; do sleep 0.1; done'
@@ -33,7 +33,7 @@ def make_plan(tmp_path, command, grace="2s", requeue=True):
 
 
 def start(plan_path, env=None):
-    return subprocess.Popen([sys.executable, "-m", "hpcfed", "job", "run", str(plan_path)],
+    return subprocess.Popen(HPCFED + ["job", "run", str(plan_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(__import__("os").environ, SLURM_JOB_ID="777", **(env or {})))
 

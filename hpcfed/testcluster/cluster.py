@@ -172,20 +172,29 @@ class TestCluster:
         if self.is_up():
             return UpResult(already_running=True, reused=[r.name for r in self.running()],
                             seconds=time.monotonic() - t0)
-        if self.running():
-            self.progress("a previous start is half-running: stopping it first")
-            self.down()
+        # Daemons that died (or were stopped) are started again; the live ones, and the jobs
+        # and state they hold, are left alone.
+        alive = {r.name for r in self.running()}
+        if alive:
+            self.progress(f"still running: {', '.join(sorted(alive))}; starting the rest")
         install_packages(missing_packages(), self.progress)
-        check_ports(self.spec, skip=set())
+        check_ports(self.spec, skip={owner for owner in self.spec.ports()
+                                     if owner.replace(" ", "-") in alive})
         self._prepare_files()
         result = UpResult(already_running=False)
-        result.started, result.reused = [], []
-        (result.reused if self._munge() == "reused" else result.started).append("munge")
-        self._mariadb(); result.started.append("mariadb")
-        self._slurmdbd(); result.started.append("slurmdbd")
+        result.started, result.reused = [], sorted(alive)
+        if "munge" not in alive:
+            (result.reused if self._munge() == "reused" else result.started).append("munge")
+        if "mariadb" not in alive:
+            self._mariadb(); result.started.append("mariadb")
+        if "slurmdbd" not in alive:
+            self._slurmdbd(); result.started.append("slurmdbd")
         self._accounting()
-        self._slurmctld(); result.started.append("slurmctld")
-        self._slurmds(); result.started += [f"slurmd-{n}" for n in self.spec.node_names]
+        if "slurmctld" not in alive:
+            self._slurmctld(); result.started.append("slurmctld")
+        for i, node in enumerate(self.spec.node_names):
+            if f"slurmd-{node}" not in alive:
+                self._slurmd(i, node); result.started.append(f"slurmd-{node}")
         self._wait_nodes_idle()
         result.seconds = time.monotonic() - t0
         return result
@@ -333,11 +342,15 @@ class TestCluster:
             return False
         return proc.returncode == 0 and " is UP" in proc.stdout
 
-    def _slurmds(self) -> None:
+    def _slurmd(self, index: int, node: str) -> None:
         s = self.spec
-        for i, node in enumerate(s.node_names):
-            self.progress(f"starting slurmd {node} on port {s.slurmd_port(i)}")
-            self._start(f"slurmd-{node}", ["/usr/sbin/slurmd", "-D", "-f", s.slurm_conf, "-N", node])
+        self.progress(f"starting slurmd {node} on port {s.slurmd_port(index)}")
+        self._start(f"slurmd-{node}", ["/usr/sbin/slurmd", "-D", "-f", s.slurm_conf, "-N", node])
+
+    def stop_daemon(self, name: str) -> bool:
+        """Stop one of our daemons (tests: a scheduler that does not answer). `up` restarts it."""
+        require_root("down")
+        return any(daemons.stop(r) for r in self.table.load() if r.name == name)
 
     def node_states(self) -> dict:
         proc = self._run(["sinfo", "-h", "-N", "-o", "%N %T"], check=False, timeout=15)
