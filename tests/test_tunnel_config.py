@@ -143,3 +143,33 @@ def test_status_without_tunnels(tmp_path):
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
     missing = hpcfed("tunnel", "status", "--status-file", str(tmp_path / "none.json"))
     assert missing.returncode == 8
+
+
+def test_job_wiring_argv_and_hosts():
+    from hpcfed.tunnel import job
+
+    srv = job.tunnel_argv("s.conf", "server", [8002, 8003], None, "/t/ready")
+    assert srv[-4:] == ["-R", "8002=127.0.0.1:8002", "-R", "8003=127.0.0.1:8003"]
+    cli = job.tunnel_argv("c.conf", "client", [8002], "10.220.0.2", "/t/ready", "/t/status")
+    assert cli[-2:] == ["-L", "127.0.0.1:8002=10.220.0.2:8002"] and "--status-file" in cli
+    with pytest.raises(ConfigError):
+        job.tunnel_argv("c.conf", "client", [8002], None, "/t/ready")
+    assert job.hosts_line("fl-server") == "127.0.0.1\tfl-server\n"
+
+
+def test_job_wait_ready_reports_no_egress(tmp_path):
+    """A real tunnel child whose hub never answers: the supervisor gets the distinct message."""
+    import subprocess
+
+    from hpcfed.errors import TunnelError
+    from hpcfed.tunnel import job
+
+    conf = tmp_path / "site.conf"
+    conf.write_text(GOOD.replace("hub.example.org:51820", "127.0.0.1:9"))
+    os.chmod(conf, 0o600)
+    argv = job.tunnel_argv(str(conf), "client", [39999], "10.220.0.2", str(tmp_path / "ready"), str(tmp_path / "status"))
+    argv += ["--handshake-timeout", "1"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(TunnelError, match="^no UDP egress to the hub 127.0.0.1:9"):
+        job.wait_ready(proc, str(tmp_path / "ready"), timeout=20)
+    assert proc.wait() == 9
