@@ -145,7 +145,15 @@ async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> Option<
 pub async fn serve_local(shared: Shared, listener: TcpListener, fwd: LocalForward, allow_other: bool) {
     let me = owner::my_uid();
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                // e.g. out of file descriptors: back off instead of spinning
+                eprintln!("hpcfed tunnel: accept on {}:{} failed: {e}", fwd.bind, fwd.port);
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         if !allow_other {
             let local: SocketAddr = match stream.local_addr() {
                 Ok(a) => a,
