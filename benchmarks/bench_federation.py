@@ -75,8 +75,11 @@ def direct_loopback(rounds: int) -> dict:
     try:
         for part in ("server", "site-1", "site-2"):
             log = open(work / f"{part}.log", "w")
+            # sub_start.sh runs the `python3` on PATH: this venv's, which has nvflare.
+            venv_env = dict(env, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
             procs.append(subprocess.Popen(["bash", "startup/sub_start.sh", "--once"], cwd=prod / part,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                          env=venv_env))
         sess = new_secure_session("admin@nvidia.com", str(prod / "admin@nvidia.com"), timeout=60)
         try:
             while len(sess.get_system_info().client_info) < 2:
@@ -209,6 +212,7 @@ def main() -> None:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(range(len(h_rounds)), h_rounds, "o-", label="hpcfed (Slurm + Apptainer + tunnel)")
         ax.plot(range(len(d_rounds)), d_rounds, "s-", label="NVFlare directly on loopback")
+        ax.set_xticks(range(max(len(h_rounds), len(d_rounds))))
         ax.set_xlabel("round")
         ax.set_ylabel("seconds")
         ax.set_ylim(bottom=0)

@@ -16,7 +16,12 @@ def describe() -> str:
     except OSError:
         pass
     mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    slurm = subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ)
+    env.setdefault("SLURM_CONF", "/var/lib/hpcfed/testcluster/etc/slurm.conf")  # Slurm's clients need one
+    try:
+        slurm = subprocess.run(["sinfo", "--version"], capture_output=True, text=True, env=env).stdout.strip()
+    except OSError:
+        slurm = ""
     return (f"{os.cpu_count()} vCPU ({cpu}), {mem_gib:.0f} GiB RAM, "
             f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
             f"{slurm or 'no Slurm client'}")
