@@ -116,16 +116,9 @@ def through_hpcfed(rounds: int) -> dict:
     fed = demo.Federation(demo.State())
     out: dict = {}
     try:
-        fed.cluster_up()
-        fed.hub_up()
-        fed.dashboard_up()
-        fed.site_profiles()
-        fed.images()
-        fed.kits()
-        fed.tunnel_keys()
+        fed.prepare()
         t_submit = time.time()
-        fed.submit_roles()
-        fed.wait_running()
+        fed.launch()
         out["submit_to_running_s"] = time.time() - t_submit
         before = fed.hub_traffic()
         tmp = Path(tempfile.mkdtemp(prefix="bench-fed-"))

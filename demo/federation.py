@@ -339,6 +339,22 @@ class Federation:
                   "clean up (as root):           make demo-down", "=" * 72]
         return "\n".join(lines)
 
+    # ------------------------------------------------------------------ the whole sequence
+    def prepare(self) -> None:
+        """Everything before the roles are submitted: operators' parts, images, kits, keys."""
+        self.cluster_up()
+        self.hub_up()
+        self.dashboard_up()
+        self.site_profiles()
+        self.images()
+        self.kits()
+        self.tunnel_keys()
+
+    def launch(self) -> dict:
+        """Submit the server and the clients and wait until all run."""
+        self.submit_roles()
+        return self.wait_running()
+
     # ------------------------------------------------------------------ teardown
     def down(self) -> None:
         for name in self.state.deployments:
@@ -373,15 +389,8 @@ def up() -> int:
         Federation().down()
     fed = Federation(State())
     t0 = time.monotonic()
-    fed.cluster_up()
-    fed.hub_up()
-    fed.dashboard_up()
-    fed.site_profiles()
-    fed.images()
-    fed.kits()
-    fed.tunnel_keys()
-    fed.submit_roles()
-    fed.wait_running()
+    fed.prepare()
+    fed.launch()
     result = fed.run_training()
     print(fed.summary(result))
     say(f"demo took {time.monotonic() - t0:.0f} s")

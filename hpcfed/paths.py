@@ -6,6 +6,8 @@ deployments; see hpcfed.state for how writes stay safe there.
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -53,3 +55,19 @@ def private_mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path, 0o700)
     return path
+
+
+def hpcfed_command() -> list:
+    """argv that runs this very hpcfed in a child process (tunnel, cron entries).
+
+    The installed console script next to this interpreter first: `python -m hpcfed` would import
+    a source tree that happens to be in the working directory instead of the installed package.
+    """
+    beside = os.path.join(os.path.dirname(sys.executable), "hpcfed")
+    if os.path.exists(beside):
+        return [beside]
+    found = shutil.which("hpcfed")
+    if found:
+        return [found]
+    # -P (Python 3.11+): do not put the working directory first on sys.path.
+    return [sys.executable] + (["-P"] if sys.version_info >= (3, 11) else []) + ["-m", "hpcfed"]

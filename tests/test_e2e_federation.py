@@ -62,15 +62,8 @@ def federation(slurm_cluster, tmp_path_factory):
         demo.Federation().down()
     fed = demo.Federation(demo.State())
     try:
-        fed.cluster_up()
-        fed.hub_up()
-        fed.dashboard_up()
-        fed.site_profiles()
-        fed.images()
-        fed.kits()
-        fed.tunnel_keys()
-        fed.submit_roles()
-        fed.wait_running()
+        fed.prepare()
+        fed.launch()
         yield fed
     finally:
         for name in fed.state.deployments:

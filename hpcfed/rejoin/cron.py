@@ -13,6 +13,7 @@ import tempfile
 from typing import List, Optional
 
 from hpcfed.errors import ConfigError, EnvironmentProblem
+from hpcfed.paths import hpcfed_command
 
 MARK = "# hpcfed-rejoin: managed by `hpcfed cron`; remove with `hpcfed cron remove`"
 _EVERY_RE = re.compile(r"^(\d+)\s*([mh])$")
@@ -34,12 +35,8 @@ def schedule(every: str) -> str:
 
 
 def hpcfed_argv() -> List[str]:
-    """How cron should call this very hpcfed (cron's PATH is minimal)."""
-    exe = shutil.which("hpcfed")
-    venv_exe = os.path.join(os.path.dirname(sys.executable), "hpcfed")
-    if os.path.exists(venv_exe):
-        exe = venv_exe
-    return [exe] if exe else [sys.executable, "-m", "hpcfed"]
+    """How cron should call this very hpcfed (cron's PATH is minimal): an absolute path."""
+    return hpcfed_command()
 
 
 def block(kind: str, every: str, log_file: str, scron_options: List[str]) -> List[str]:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from hpcfed.errors import ConfigError, GpuPreflightFailed, HpcfedError, KitError, TunnelError
+from hpcfed.paths import hpcfed_command
 from hpcfed.plan import Plan
 
 EXIT_PREFLIGHT = 10
@@ -75,7 +76,7 @@ class Supervisor:
             return
         ready = self.workdir / f"tunnel-{self.job_id}.ready"
         ready.unlink(missing_ok=True)
-        argv = [sys.executable, "-m", "hpcfed", "tunnel", "up", "--config", t.config]
+        argv = hpcfed_command() + ["tunnel", "up", "--config", t.config]
         for f in t.local_forwards:
             argv += ["-L", f]
         for f in t.remote_forwards:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from hpcfed.errors import ConfigError, TunnelError
+from hpcfed.paths import hpcfed_command
 
 LOCAL_BIND = "127.0.0.1"
 
@@ -21,7 +22,7 @@ LOCAL_BIND = "127.0.0.1"
 def tunnel_argv(config: str, role: str, ports: Sequence[int], server_address: Optional[str],
                 ready_file: str, status_file: Optional[str] = None) -> list[str]:
     """The child's command line for `role` ("server" or a client role) and the framework ports."""
-    argv = [sys.executable, "-m", "hpcfed", "tunnel", "up", "--config", config, "--ready-file", ready_file]
+    argv = hpcfed_command() + ["tunnel", "up", "--config", config, "--ready-file", ready_file]
     if status_file:
         argv += ["--status-file", status_file]
     for port in ports:
