@@ -57,13 +57,14 @@ def _job_field(cluster, job, field):
 def test_typed_gres_job_sees_two_gpus_as_the_submitting_user(slurm_cluster):
     job, workdir = _submit(
         slurm_cluster, "--gres=gpu:a40:2",
-        "--wrap", "id -un; echo CVD=$CUDA_VISIBLE_DEVICES; echo N=$SLURM_GPUS_ON_NODE",
+        "--wrap", "echo USER=$(id -un); echo CVD=$CUDA_VISIBLE_DEVICES; echo N=$SLURM_GPUS_ON_NODE",
     )
     assert _wait_state(slurm_cluster, job, {"COMPLETED", "FAILED"}) == "COMPLETED"
-    out = Path(workdir, f"slurm-{job}.out").read_text().split()
-    assert out[0] == slurm_cluster.user  # ran as the non-root user, not root
-    assert len(out[1].removeprefix("CVD=").split(",")) == 2
-    assert out[2] == "N=2"
+    text = Path(workdir, f"slurm-{job}.out").read_text()
+    out = dict(line.split("=", 1) for line in text.splitlines() if "=" in line and " " not in line)
+    assert out.get("USER") == slurm_cluster.user, text  # ran as the non-root user, not root
+    assert len(out["CVD"].split(",")) == 2, text
+    assert out["N"] == "2", text
     assert Path(workdir, f"slurm-{job}.out").stat().st_uid != 0
 
 

@@ -92,6 +92,7 @@ def start(
             start_new_session=True,
             close_fds=True,
             env=env,
+            cwd="/",  # like any daemon: never hold (or lose) the caller's working directory
         )
     pid = proc.pid
     if user is not None:
