@@ -97,8 +97,8 @@ def test_accounting_records_jobs(slurm_cluster):
     while time.monotonic() < deadline:
         proc = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State,User"],
                    env=slurm_cluster.env)
-        if proc.stdout.strip():
-            break
+        if proc.stdout.strip().endswith("|COMPLETED|" + slurm_cluster.user):
+            break  # records arrive 1-3 s after the job ends, earlier states first
         time.sleep(1)
     assert proc.stdout.strip() == f"{job}|COMPLETED|{slurm_cluster.user}"
 

@@ -391,8 +391,8 @@ class TestCluster:
         if any(r.name == "slurmctld" and r.alive() for r in self.table.load()):
             self._cancel_all_jobs()
         order = ["slurmd", "slurmctld", "slurmdbd", "mariadb", "munge"]
-        records = sorted(self.table.load(),
-                         key=lambda r: next(i for i, p in enumerate(order) if r.name.startswith(p)))
+        # "slurmd-node1" -> "slurmd"; slurmdbd must not sort with the slurmds.
+        records = sorted(self.table.load(), key=lambda r: order.index(r.name.split("-")[0]))
         for record in records:
             if daemons.stop(record):
                 stopped.append(record.name)
