@@ -12,6 +12,7 @@ Measured:
 - a preempted client back in the federation (preemption → client registered with the server);
 - bytes through the hub during the training job, from the hub's own wg counters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ sys.path.append(str(REPO))  # demo/ only: hpcfed itself comes from the installed
 from benchmarks.machine import describe  # noqa: E402
 
 ROUND_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
-REGISTERED_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Successfully registered client")
+REGISTERED_RE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Successfully registered client"
+)
 
 
 def _ts(stamp: str) -> float:
@@ -68,8 +71,12 @@ def direct_loopback(rounds: int) -> dict:
 
     work = Path(tempfile.mkdtemp(prefix="bench-poc-"))
     env = dict(os.environ, NVFLARE_POC_WORKSPACE=str(work))
-    subprocess.run([str(Path(sys.executable).parent / "nvflare"), "poc", "prepare", "-n", "2", "--force"],
-                   env=env, check=True, capture_output=True)
+    subprocess.run(
+        [str(Path(sys.executable).parent / "nvflare"), "poc", "prepare", "-n", "2", "--force"],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     prod = work / "example_project" / "prod_00"
     procs = []
     try:
@@ -77,9 +84,16 @@ def direct_loopback(rounds: int) -> dict:
             log = open(work / f"{part}.log", "w")
             # sub_start.sh runs the `python3` on PATH: this venv's, which has nvflare.
             venv_env = dict(env, PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
-            procs.append(subprocess.Popen(["bash", "startup/sub_start.sh", "--once"], cwd=prod / part,
-                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                          env=venv_env))
+            procs.append(
+                subprocess.Popen(
+                    ["bash", "startup/sub_start.sh", "--once"],
+                    cwd=prod / part,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    env=venv_env,
+                )
+            )
         sess = new_secure_session("admin@nvidia.com", str(prod / "admin@nvidia.com"), timeout=60)
         try:
             while len(sess.get_system_info().client_info) < 2:
@@ -139,9 +153,23 @@ def through_hpcfed(rounds: int) -> dict:
         victim = "demo-hospital-a"
         node = demo.hpcfed_json("status", victim)["deployments"][0]["node"]
         t_pre = time.time()
-        demo.sh(["sbatch", "--parsable", "-p", "high", "-w", node, "--gres=gpu:a40:4",
-                 "--chdir=/tmp", "-o", "/dev/null", "--wrap", "sleep 1"],
-                env={"SLURM_CONF": "/var/lib/hpcfed/testcluster/etc/slurm.conf"})
+        demo.sh(
+            [
+                "sbatch",
+                "--parsable",
+                "-p",
+                "high",
+                "-w",
+                node,
+                "--gres=gpu:a40:4",
+                "--chdir=/tmp",
+                "-o",
+                "/dev/null",
+                "--wrap",
+                "sleep 1",
+            ],
+            env={"SLURM_CONF": "/var/lib/hpcfed/testcluster/etc/slurm.conf"},
+        )
         deadline = time.time() + 300
         back = None
         while time.time() < deadline and back is None:

@@ -9,6 +9,7 @@ Measures:
     the job script's first line (profile `setup`) prints a timestamp, the role prints another.
 Writes benchmarks/results/image.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,9 +61,27 @@ def user_dir(user, prefix):
 
 def bench_build(user, compression, image_dir):
     t0 = time.monotonic()
-    proc = as_user(user, HPCFED + ["image", "build", "client", "--framework", "nvflare", "--version", VERSION,
-                                   "--base", f"localimage:{BASE_SIF}", "--compression", compression,
-                                   "--image-dir", image_dir, "--json"], timeout=1800)
+    proc = as_user(
+        user,
+        HPCFED
+        + [
+            "image",
+            "build",
+            "client",
+            "--framework",
+            "nvflare",
+            "--version",
+            VERSION,
+            "--base",
+            f"localimage:{BASE_SIF}",
+            "--compression",
+            compression,
+            "--image-dir",
+            image_dir,
+            "--json",
+        ],
+        timeout=1800,
+    )
     elapsed = time.monotonic() - t0
     if proc.returncode != 0:
         sys.exit(f"build failed: {proc.stderr[-2000:]}")
@@ -73,8 +92,18 @@ def bench_exec(user, image, runs):
     from hpcfed.container.apptainer import exec_argv
 
     ws = user_dir(user, "hpcfed-bench-ws-")
-    argv, env = exec_argv(apptainer="apptainer", image=image, command=["true"], gpu_flag="nv", binds=[],
-                          kit_dir=None, workspace=ws, env={}, hosts_file=None, job_env={})
+    argv, env = exec_argv(
+        apptainer="apptainer",
+        image=image,
+        command=["true"],
+        gpu_flag="nv",
+        binds=[],
+        kit_dir=None,
+        workspace=ws,
+        env={},
+        hosts_file=None,
+        job_env={},
+    )
     times = []
     for _ in range(runs + 1):
         t0 = time.monotonic()
@@ -92,8 +121,19 @@ def bench_job_start(user, image, runs):
     out = []
     for _ in range(runs):
         name = f"bench-{uuid.uuid4().hex[:6]}"
-        args = ["submit", "client", "--site", "local", "--gpus", "1", "--name", name,
-                "--command", "echo ROLESTART=$(date +%s.%N)", "--json"]
+        args = [
+            "submit",
+            "client",
+            "--site",
+            "local",
+            "--gpus",
+            "1",
+            "--name",
+            name,
+            "--command",
+            "echo ROLESTART=$(date +%s.%N)",
+            "--json",
+        ]
         if image:
             args += ["--image", image]
         proc = as_user(user, HPCFED + args, env=env, timeout=120)
@@ -106,8 +146,11 @@ def bench_job_start(user, image, runs):
             time.sleep(0.3)
             log = as_user(user, HPCFED + ["logs", name], env=env).stdout
             # only the lines the commands printed (the supervisor also logs the command text)
-            marks = dict(line.split("=", 1) for line in log.splitlines()
-                         if line.startswith(("JOBSTART=", "ROLESTART=")))
+            marks = dict(
+                line.split("=", 1)
+                for line in log.splitlines()
+                if line.startswith(("JOBSTART=", "ROLESTART="))
+            )
         if len(marks) != 2:
             sys.exit(f"job {name}: no timestamps in its log: {log!r}")
         out.append(float(marks["ROLESTART"]) - float(marks["JOBSTART"]))
@@ -125,7 +168,9 @@ def main() -> None:
     if up.returncode != 0:
         sys.exit(f"testcluster up failed: {up.stderr}")
     os.environ.update(json.loads(up.stdout)["env"])
-    version = subprocess.run(["apptainer", "--version"], capture_output=True, text=True).stdout.strip()
+    version = subprocess.run(
+        ["apptainer", "--version"], capture_output=True, text=True
+    ).stdout.strip()
 
     rows = []
     image_dir = user_dir(args.user, "hpcfed-bench-img-")
@@ -141,7 +186,10 @@ def main() -> None:
                 finally:
                     shutil.rmtree(d, ignore_errors=True)
                 rows.append((who, compression, seconds, record["size_mb"]))
-                print(f"build {who} {compression}: {seconds:.1f} s, {record['size_mb']} MB", file=sys.stderr)
+                print(
+                    f"build {who} {compression}: {seconds:.1f} s, {record['size_mb']} MB",
+                    file=sys.stderr,
+                )
 
         exec_root = bench_exec(None, image, args.runs * 3)
         exec_user = bench_exec(args.user, image, args.runs * 3)

@@ -8,6 +8,7 @@ repeatedly into a throw-away data directory, and times:
   - the whole CLI `hpcfed kit verify`.
 Writes benchmarks/results/kit.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from benchmarks.machine import describe  # noqa: E402
 from nvflare_dashboard import start_dashboard  # noqa: E402
+
+from benchmarks.machine import describe  # noqa: E402
 
 # The installed command: `python -m hpcfed` would import a source tree in the working directory.
 HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
@@ -34,7 +36,9 @@ EMAIL = "bench@orga.test"
 
 def stats(values) -> str:
     values = sorted(values)
-    return (f"median {statistics.median(values):.3f} s, min {values[0]:.3f} s, max {values[-1]:.3f} s")
+    return (
+        f"median {statistics.median(values):.3f} s, min {values[0]:.3f} s, max {values[-1]:.3f} s"
+    )
 
 
 def main() -> None:
@@ -57,14 +61,33 @@ def main() -> None:
         path = None
         for _ in range(args.runs):
             t0 = time.monotonic()
-            proc = subprocess.run(HPCFED + ["kit", "pull", "--dashboard", dash.url, "--user", EMAIL,
-                                            "--site", "site-1", "--json"], env=env, capture_output=True, text=True)
+            proc = subprocess.run(
+                HPCFED
+                + [
+                    "kit",
+                    "pull",
+                    "--dashboard",
+                    dash.url,
+                    "--user",
+                    EMAIL,
+                    "--site",
+                    "site-1",
+                    "--json",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             pull_cli.append(time.monotonic() - t0)
             assert proc.returncode == 0, proc.stderr
             path = proc.stdout.split('"path": "')[1].split('"')[0]
             t0 = time.monotonic()
-            proc = subprocess.run(HPCFED + ["kit", "verify", path, "--site", "site-1"], env=env,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                HPCFED + ["kit", "verify", path, "--site", "site-1"],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             verify_cli.append(time.monotonic() - t0)
             assert proc.returncode == 0, proc.stdout + proc.stderr
 

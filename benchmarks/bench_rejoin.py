@@ -9,6 +9,7 @@ Run as root with the test cluster up: python benchmarks/bench_rejoin.py [--runs 
                 job's "role-started". A cron entry adds on average half its period before that.
 Writes benchmarks/results/rejoin.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,13 @@ ROLE = 'trap "exit 0" TERM; echo role-started; while :; do sleep 0.1; done'
 def as_user(*args):
     pw = pwd.getpwnam(USER)
     env = dict(os.environ, HOME=pw.pw_dir, USER=USER)
-    return subprocess.run(["runuser", "-u", USER, "--"] + HPCFED + list(args), env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["runuser", "-u", USER, "--"] + HPCFED + list(args),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def log_path(name, job_id):
@@ -61,8 +67,21 @@ def count(path, needle):
 
 def submit(partition):
     name = f"bench-rj-{uuid.uuid4().hex[:6]}"
-    p = as_user("submit", "client", "--site", "local", "--gpus", "4", "--partition", partition,
-                "--name", name, "--command", ROLE, "--json")
+    p = as_user(
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "4",
+        "--partition",
+        partition,
+        "--name",
+        name,
+        "--command",
+        ROLE,
+        "--json",
+    )
     job_id = json.loads(p.stdout)["job_id"]
     wait_for(lambda: count(log_path(name, job_id), "\nrole-started") >= 1, 120)
     return name, job_id
@@ -70,11 +89,27 @@ def submit(partition):
 
 def self_requeue():
     name, job_id = submit("preemptable")
-    node = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    node = subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%N"], capture_output=True, text=True
+    ).stdout.strip()
     t0 = time.monotonic()
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", f"--nodelist={node}", "--gres=gpu:a40:4",
-                           "--account=fedlab", "--output=/dev/null", "--wrap", "sleep 2"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    high = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "high",
+            f"--nodelist={node}",
+            "--gres=gpu:a40:4",
+            "--account=fedlab",
+            "--output=/dev/null",
+            "--wrap",
+            "sleep 2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     t1 = wait_for(lambda: count(log_path(name, job_id), "\nrole-started") >= 2, 300)
     as_user("cancel", name)
     subprocess.run(["scancel", high])
@@ -85,8 +120,16 @@ def rejoin_once():
     name, job_id = submit("debug")
     t0 = time.monotonic()
     subprocess.run(["scancel", job_id], check=True)
-    wait_for(lambda: not subprocess.run(["squeue", "-h", "-j", job_id, "-t", "R,CG,PD", "-o", "%i"],
-                                        capture_output=True, text=True).stdout.strip(), 60)
+    wait_for(
+        lambda: (
+            not subprocess.run(
+                ["squeue", "-h", "-j", job_id, "-t", "R,CG,PD", "-o", "%i"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        ),
+        60,
+    )
     out = json.loads(as_user("rejoin", "--json").stdout)
     new = [d["new_job_id"] for d in out["deployments"] if d["name"] == name][0]
     t1 = wait_for(lambda: count(log_path(name, new), "\nrole-started") >= 1, 120)

@@ -10,6 +10,7 @@ Measures
 Jobs are submitted held (--hold) and cancelled afterwards, so the cluster stays free for others.
 Writes benchmarks/results/submit.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,15 +42,32 @@ def timed(fn):
 def cancel(job_ids):
     ids = [j for j in job_ids if j]
     for i in range(0, len(ids), 200):
-        subprocess.run(["scancel"] + ids[i:i + 200], capture_output=True)
+        subprocess.run(["scancel"] + ids[i : i + 200], capture_output=True)
 
 
 def bench_hpcfed_cli(n, env):
     ids = []
     for i in range(n):
-        p = subprocess.run(HPCFED + ["submit", "client", "--site", "local", "--gpus", "0",
-                                     "--name", f"bench-cli-{i}", "--command", "true", "--json"],
-                           env=env, capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            HPCFED
+            + [
+                "submit",
+                "client",
+                "--site",
+                "local",
+                "--gpus",
+                "0",
+                "--name",
+                f"bench-cli-{i}",
+                "--command",
+                "true",
+                "--json",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ids.append(json.loads(p.stdout)["job_id"])
     return ids
 
@@ -66,9 +84,15 @@ def bench_hpcfed_inprocess(n, env):
     site = load_site("local")
     ids = []
     for i in range(n):
-        plan = build_plan(site=site, role=frameworks.role("nvflare", "client"), name=f"bench-api-{i}",
-                          deployment_id=deploy.new_deployment_id(), user="root", gpus=0,
-                          command="true")
+        plan = build_plan(
+            site=site,
+            role=frameworks.role("nvflare", "client"),
+            name=f"bench-api-{i}",
+            deployment_id=deploy.new_deployment_id(),
+            user="root",
+            gpus=0,
+            command="true",
+        )
         ids.append(deploy.submit_plan(plan, render(plan), store)[1])
     return ids
 
@@ -76,9 +100,21 @@ def bench_hpcfed_inprocess(n, env):
 def bench_sbatch(n):
     ids = []
     for _ in range(n):
-        p = subprocess.run(["sbatch", "--parsable", "--hold", "--account=fedlab", "--partition=debug",
-                            "--output=/dev/null", "--wrap", "true"],
-                           capture_output=True, text=True, check=True)
+        p = subprocess.run(
+            [
+                "sbatch",
+                "--parsable",
+                "--hold",
+                "--account=fedlab",
+                "--partition=debug",
+                "--output=/dev/null",
+                "--wrap",
+                "true",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ids.append(p.stdout.strip())
     return ids
 
@@ -91,8 +127,11 @@ def bench_submitit(n, folder, array):
     import submitit
 
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    ex.update_parameters(timeout_min=60, slurm_partition="debug",
-                         slurm_additional_parameters={"hold": True, "account": "fedlab"})
+    ex.update_parameters(
+        timeout_min=60,
+        slurm_partition="debug",
+        slurm_additional_parameters={"hold": True, "account": "fedlab"},
+    )
     if array:
         jobs = ex.map_array(lambda _i: 0, range(n))
     else:
@@ -108,21 +147,33 @@ def bench_status(m, env, job_ids):
     store = DeploymentStore()
     template = store.require("bench-cli-0")
     for i in range(m):
-        d = Deployment(name=f"bench-status-{i}", deployment_id=f"s{i}", site="local", role="client",
-                       framework="nvflare", plan=template.plan,
-                       jobs=[{"job_id": job_ids[i % len(job_ids)], "submitted_at": ""}])
+        d = Deployment(
+            name=f"bench-status-{i}",
+            deployment_id=f"s{i}",
+            site="local",
+            role="client",
+            framework="nvflare",
+            plan=template.plan,
+            jobs=[{"job_id": job_ids[i % len(job_ids)], "submitted_at": ""}],
+        )
         store.put(d)
     names = [f"bench-status-{i}" for i in range(m)]
     runs = []
     calls = None
     for _ in range(3):
-        dt, p = timed(lambda: subprocess.run(HPCFED + ["status", "--json"] + names, env=env,
-                                             capture_output=True, text=True))
+        dt, p = timed(
+            lambda: subprocess.run(
+                HPCFED + ["status", "--json"] + names, env=env, capture_output=True, text=True
+            )
+        )
         runs.append(dt)
         calls = json.loads(p.stdout)["scheduler_calls"]
     sample = job_ids[:50]
-    dt_each, _ = timed(lambda: [subprocess.run(["squeue", "--noheader", "-j", j], capture_output=True)
-                                for j in sample])
+    dt_each, _ = timed(
+        lambda: [
+            subprocess.run(["squeue", "--noheader", "-j", j], capture_output=True) for j in sample
+        ]
+    )
     return statistics.median(runs), calls, dt_each / len(sample) * m
 
 
@@ -131,7 +182,11 @@ def bench_help():
     for argv in (["--help"], ["submit", "--help"]):
         runs = []
         for _ in range(10):
-            dt, _ = timed(lambda: subprocess.run([HPCFED_BIN] + argv, capture_output=True, check=True))
+            dt, _ = timed(
+                lambda argv=argv: subprocess.run(
+                    [HPCFED_BIN] + argv, capture_output=True, check=True
+                )
+            )
             runs.append(dt)
         out[" ".join(["hpcfed"] + argv)] = statistics.median(runs)
     return out
@@ -145,18 +200,28 @@ def main() -> None:
     n = args.jobs
     os.environ["SLURM_CONF"] = SLURM_CONF
     tmp = tempfile.mkdtemp(prefix="hpcfed-bench-")
-    env = dict(os.environ, XDG_STATE_HOME=f"{tmp}/state", XDG_CONFIG_HOME=f"{tmp}/cfg",
-               HPCFED_SITE__EXTRA_DIRECTIVES='["--hold"]', HPCFED_SITE__WORKDIR=f"{tmp}/work")
+    env = dict(
+        os.environ,
+        XDG_STATE_HOME=f"{tmp}/state",
+        XDG_CONFIG_HOME=f"{tmp}/cfg",
+        HPCFED_SITE__EXTRA_DIRECTIVES='["--hold"]',
+        HPCFED_SITE__WORKDIR=f"{tmp}/work",
+    )
     rows = []
     all_ids = []
     try:
-        dt, ids = timed(lambda: bench_sbatch(n)); all_ids += ids
+        dt, ids = timed(lambda: bench_sbatch(n))
+        all_ids += ids
         rows.append(("plain `sbatch --wrap` loop", dt))
-        dt, ids = timed(lambda: bench_hpcfed_cli(n, env)); all_ids += ids; cli_ids = ids
+        dt, ids = timed(lambda: bench_hpcfed_cli(n, env))
+        all_ids += ids
+        cli_ids = ids
         rows.append(("`hpcfed submit` (one CLI process per job)", dt))
-        dt, ids = timed(lambda: bench_hpcfed_inprocess(n, env)); all_ids += ids
+        dt, ids = timed(lambda: bench_hpcfed_inprocess(n, env))
+        all_ids += ids
         rows.append(("hpcfed submit path in-process (plan+render+lock+sbatch+record)", dt))
-        dt, ids = timed(lambda: bench_submitit(n, f"{tmp}/submitit", array=False)); all_ids += ids
+        dt, ids = timed(lambda: bench_submitit(n, f"{tmp}/submitit", array=False))
+        all_ids += ids
         rows.append(("submitit `executor.submit` loop", dt))
         dt, ids = timed(lambda: bench_submitit(n, f"{tmp}/submitit-array", array=True))
         all_ids += [i.split("_")[0] for i in ids]
@@ -171,8 +236,8 @@ def main() -> None:
         "",
         f"Measured {datetime.date.today()} on: {describe()}",
         "",
-        f"Local test cluster (`hpcfed testcluster`, slurmctld on the same 2-core machine). "
-        f"Jobs submitted held and cancelled afterwards. Run: `python benchmarks/bench_submit.py`.",
+        "Local test cluster (`hpcfed testcluster`, slurmctld on the same 2-core machine). "
+        "Jobs submitted held and cancelled afterwards. Run: `python benchmarks/bench_submit.py`.",
         "",
         f"## Submitting {n} jobs",
         "",

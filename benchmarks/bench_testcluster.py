@@ -4,14 +4,15 @@ Run as root: python benchmarks/bench_testcluster.py [--runs 5]
 It stops the running test cluster first and leaves it running at the end.
 Writes benchmarks/results/testcluster.md.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
-import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +32,9 @@ def main() -> None:
     for _ in range(args.runs):
         subprocess.run(HPCFED + ["testcluster", "down"], check=True, capture_output=True)
         t0 = time.monotonic()
-        proc = subprocess.run(HPCFED + ["testcluster", "up", "--json"], check=True,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            HPCFED + ["testcluster", "up", "--json"], check=True, capture_output=True, text=True
+        )
         wall.append(time.monotonic() - t0)
         reported.append(json.loads(proc.stdout)["seconds"])
     t0 = time.monotonic()

@@ -8,6 +8,7 @@
 Run as root:  /opt/hpcfed/venv/bin/python benchmarks/bench_tunnel.py [--mib 512]
 Writes benchmarks/results/tunnel.md with the machine description.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +24,15 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
-from test_tunnel_wireguard import CLI, SRV, HubNet, Tunnel, _ensure_user, need_hub_tools, peer_config  # noqa: E402
+from test_tunnel_wireguard import (  # noqa: E402
+    CLI,
+    SRV,
+    HubNet,
+    Tunnel,
+    _ensure_user,
+    need_hub_tools,
+    peer_config,
+)
 
 from hpcfed.tunnel import keys  # noqa: E402
 
@@ -84,15 +92,29 @@ def pids_of(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def measure(prefix: list[str], host: str, port: int, mib: int, probes: int, cpu_pids: list[int], peer_pids: list[int] = ()) -> dict:
+def measure(
+    prefix: list[str],
+    host: str,
+    port: int,
+    mib: int,
+    probes: int,
+    cpu_pids: list[int],
+    peer_pids: list[int] = (),
+) -> dict:
     before = cpu_seconds(cpu_pids)
     before_peers = cpu_seconds(list(peer_pids))
-    proc = subprocess.run(prefix + [sys.executable, "-c", SEND, host, str(port), str(mib), str(probes)],
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        prefix + [sys.executable, "-c", SEND, host, str(port), str(mib), str(probes)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr
     r = json.loads(proc.stdout)
     r["cpu_s_per_gb"] = (cpu_seconds(cpu_pids) - before) / (mib / 1024) if cpu_pids else None
-    r["peers_cpu_s_per_gb"] = (cpu_seconds(list(peer_pids)) - before_peers) / (mib / 1024) if peer_pids else None
+    r["peers_cpu_s_per_gb"] = (
+        (cpu_seconds(list(peer_pids)) - before_peers) / (mib / 1024) if peer_pids else None
+    )
     return r
 
 
@@ -111,15 +133,45 @@ def tun_peer(net: HubNet, name: str, subnet: int, type_: str) -> tuple[str, str]
         sh("ip", "-n", n, "link", "set", v, "up")
     info = json.loads(net.hub("genconf", type_, f"tun-{name}", "--json").stdout)
     conf = Path(info["config"]).read_text()
-    psk = next(l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PresharedKey"))
-    hub_pub = next(l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PublicKey"))
+    psk = next(
+        l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PresharedKey")
+    )
+    hub_pub = next(
+        l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PublicKey")
+    )
     private = keys.generate_private()
     iface = f"wgb{name}"
     sh("ip", "netns", "exec", ns, "wireguard-go", iface)
-    subprocess.run(["ip", "netns", "exec", ns, "wg", "set", iface, "private-key", "/dev/stdin"], input=private, text=True, check=True)
-    subprocess.run(["ip", "netns", "exec", ns, "wg", "set", iface, "peer", hub_pub, "preshared-key", "/dev/stdin",
-                    "endpoint", f"10.197.{subnet}.2:51820", "allowed-ips", "10.220.0.0/14", "persistent-keepalive", "25"],
-                   input=psk, text=True, check=True)
+    subprocess.run(
+        ["ip", "netns", "exec", ns, "wg", "set", iface, "private-key", "/dev/stdin"],
+        input=private,
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "wg",
+            "set",
+            iface,
+            "peer",
+            hub_pub,
+            "preshared-key",
+            "/dev/stdin",
+            "endpoint",
+            f"10.197.{subnet}.2:51820",
+            "allowed-ips",
+            "10.220.0.0/14",
+            "persistent-keepalive",
+            "25",
+        ],
+        input=psk,
+        text=True,
+        check=True,
+    )
     sh("ip", "-n", ns, "addr", "add", f"{info['address']}/32", "dev", iface)
     sh("ip", "-n", ns, "link", "set", iface, "up")
     sh("ip", "-n", ns, "route", "add", "10.220.0.0/14", "dev", iface)
@@ -128,7 +180,9 @@ def tun_peer(net: HubNet, name: str, subnet: int, type_: str) -> tuple[str, str]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--mib", type=int, default=512, help="MiB per throughput run (default 512)")
     ap.add_argument("--probes", type=int, default=50, help="connection setups to time per path")
     ap.add_argument("--buffer-kib", default="256", help="hpcfed tunnel's --buffer-kib")
@@ -147,21 +201,54 @@ def main() -> None:
         hub_pids = pids_of(f"wireguard-go {net.iface}")
 
         # 3. plain loopback
-        procs.append(subprocess.Popen([sys.executable, "-c", SINK, "127.0.0.1", "39500"], start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", SINK, "127.0.0.1", "39500"], start_new_session=True
+            )
+        )
         time.sleep(0.5)
         results["loopback TCP"] = measure([], "127.0.0.1", 39500, args.mib * 4, args.probes, [])
 
         # 1. hpcfed tunnel
         srv_conf, srv_ip = peer_config(net, "server", "bench-srv", SRV)
         cli_conf, _ = peer_config(net, "client", "bench-cli", CLI)
-        procs.append(subprocess.Popen(["runuser", "-u", SRV, "--", sys.executable, "-c", SINK, "127.0.0.1", "39501"], start_new_session=True))
-        server = Tunnel(SRV, srv_conf, "-R", "9500=127.0.0.1:39501", "--buffer-kib", args.buffer_kib, name="bench-srv")
-        client = Tunnel(CLI, cli_conf, "-L", f"39502={srv_ip}:9500", "--buffer-kib", args.buffer_kib, name="bench-cli")
+        procs.append(
+            subprocess.Popen(
+                ["runuser", "-u", SRV, "--", sys.executable, "-c", SINK, "127.0.0.1", "39501"],
+                start_new_session=True,
+            )
+        )
+        server = Tunnel(
+            SRV,
+            srv_conf,
+            "-R",
+            "9500=127.0.0.1:39501",
+            "--buffer-kib",
+            args.buffer_kib,
+            name="bench-srv",
+        )
+        client = Tunnel(
+            CLI,
+            cli_conf,
+            "-L",
+            f"39502={srv_ip}:9500",
+            "--buffer-kib",
+            args.buffer_kib,
+            name="bench-cli",
+        )
         tunnels += [server, client]
         server.wait_ready()
         client.wait_ready()
         tpids = [server.proc.pid, client.proc.pid]
-        r = measure(["runuser", "-u", CLI, "--"], "127.0.0.1", 39502, args.mib, args.probes, tpids + hub_pids, tpids)
+        r = measure(
+            ["runuser", "-u", CLI, "--"],
+            "127.0.0.1",
+            39502,
+            args.mib,
+            args.probes,
+            tpids + hub_pids,
+            tpids,
+        )
         time.sleep(1.5)
         st = json.loads(client.status.read_text())
         r["wire_ratio"] = st["tx_bytes"] / (args.mib << 20)
@@ -174,10 +261,23 @@ def main() -> None:
         ns_a, _ = tun_peer(net, "a", 58, "client")
         ns_b, ip_b = tun_peer(net, "b", 59, "server")
         namespaces += [ns_a, ns_b]
-        procs.append(subprocess.Popen(["ip", "netns", "exec", ns_b, sys.executable, "-c", SINK, ip_b, "39503"], start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                ["ip", "netns", "exec", ns_b, sys.executable, "-c", SINK, ip_b, "39503"],
+                start_new_session=True,
+            )
+        )
         time.sleep(1)
         peer_pids = pids_of("wireguard-go wgb")
-        results["wireguard-go TUN peers (root, netns)"] = measure(["ip", "netns", "exec", ns_a], ip_b, 39503, args.mib, args.probes, peer_pids + hub_pids, peer_pids)
+        results["wireguard-go TUN peers (root, netns)"] = measure(
+            ["ip", "netns", "exec", ns_a],
+            ip_b,
+            39503,
+            args.mib,
+            args.probes,
+            peer_pids + hub_pids,
+            peer_pids,
+        )
     finally:
         for t in tunnels:
             t.stop()
@@ -188,7 +288,9 @@ def main() -> None:
                 pass
             p.wait()
         for ns in namespaces:
-            for link in subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout.splitlines():
+            for link in subprocess.run(
+                ["ip", "-n", ns, "-o", "link"], capture_output=True, text=True
+            ).stdout.splitlines():
                 name = link.split(":")[1].strip().split("@")[0]
                 if name.startswith("wgb"):
                     subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
@@ -198,7 +300,14 @@ def main() -> None:
 
 
 def write(results: dict, args) -> None:
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("model name")), "?")
+    cpu = next(
+        (
+            l.split(":", 1)[1].strip()
+            for l in Path("/proc/cpuinfo").read_text().splitlines()
+            if l.startswith("model name")
+        ),
+        "?",
+    )
     lines = [
         "# Tunnel benchmark",
         "",
@@ -215,7 +324,9 @@ def write(results: dict, args) -> None:
     for name, r in results.items():
         cpu_s = "-" if r.get("cpu_s_per_gb") is None else f"{r['cpu_s_per_gb']:.1f}"
         peers = "-" if r.get("peers_cpu_s_per_gb") is None else f"{r['peers_cpu_s_per_gb']:.1f}"
-        lines.append(f"| {name} | {r['mbit']:.0f} | {cpu_s} | {peers} | {r['setup_ms_median']:.2f} / {r['setup_ms_p90']:.2f} |")
+        lines.append(
+            f"| {name} | {r['mbit']:.0f} | {cpu_s} | {peers} | {r['setup_ms_median']:.2f} / {r['setup_ms_p90']:.2f} |"
+        )
     out = HERE / "results" / "tunnel.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

@@ -3,6 +3,7 @@
 Usage: python admin_job.py ADMIN_EMAIL ADMIN_KIT_DIR JOB_DIR TIMEOUT_S
 Prints one JSON object per line: progress events, then {"event": "done", ...}.
 """
+
 import json
 import sys
 import time

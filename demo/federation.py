@@ -11,6 +11,7 @@ Who does what, as on real sites:
 `python -m demo` (what `make demo` runs) does it all and prints a summary; `python -m demo down`
 cleans up. The e2e test drives the same steps (tests/test_e2e_federation.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,15 @@ class DemoError(RuntimeError):
     pass
 
 
-def sh(argv, *, user: Optional[str] = None, env: Optional[dict] = None, timeout: float = 600,
-       check: bool = True, cwd: Optional[str] = None) -> subprocess.CompletedProcess:
+def sh(
+    argv,
+    *,
+    user: Optional[str] = None,
+    env: Optional[dict] = None,
+    timeout: float = 600,
+    check: bool = True,
+    cwd: Optional[str] = None,
+) -> subprocess.CompletedProcess:
     full_env = dict(os.environ)
     if user:
         pw = pwd.getpwnam(user)
@@ -60,11 +68,14 @@ def sh(argv, *, user: Optional[str] = None, env: Optional[dict] = None, timeout:
             full_env.pop(var, None)
         argv = ["runuser", "-u", user, "--"] + list(argv)
     full_env.update(env or {})
-    proc = subprocess.run(argv, capture_output=True, text=True, env=full_env, timeout=timeout,
-                          cwd=cwd or "/tmp")
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env=full_env, timeout=timeout, cwd=cwd or "/tmp"
+    )
     if check and proc.returncode != 0:
-        raise DemoError(f"{' '.join(map(str, argv[-6:]))} failed ({proc.returncode}): "
-                        f"{(proc.stderr or proc.stdout).strip()[-1500:]}")
+        raise DemoError(
+            f"{' '.join(map(str, argv[-6:]))} failed ({proc.returncode}): "
+            f"{(proc.stderr or proc.stdout).strip()[-1500:]}"
+        )
     return proc
 
 
@@ -90,7 +101,7 @@ class State:
     public_keys: dict = field(default_factory=dict)
 
     @classmethod
-    def load(cls) -> "State":
+    def load(cls) -> State:
         try:
             return cls(**json.loads((STATE_DIR / "state.json").read_text()))
         except FileNotFoundError:
@@ -127,10 +138,19 @@ class Federation:
         sh(["mkdir", "-p", str(self.userdir)], user=USER)
 
     def hub_up(self) -> None:
-        say(f"starting the WireGuard hub (wireguard-go in netns {self.hub.ns}, {self.hub.endpoint})")
+        say(
+            f"starting the WireGuard hub (wireguard-go in netns {self.hub.ns}, {self.hub.endpoint})"
+        )
         self.hub.create()
-        self.hub.hub("init", "--endpoint", self.hub.endpoint, "--interface", self.hub.iface,
-                     "--keepalive", "5")
+        self.hub.hub(
+            "init",
+            "--endpoint",
+            self.hub.endpoint,
+            "--interface",
+            self.hub.iface,
+            "--keepalive",
+            "5",
+        )
         self.hub.hub("up", "--userspace")
 
     def dashboard_up(self) -> None:
@@ -157,27 +177,51 @@ class Federation:
         for i, site in enumerate(CLIENT_SITES, start=2):
             # Both hospitals are the test cluster; each client gets a node of its own (as if at
             # its own site) in the partition where it may be preempted.
-            text = (f"extends: local\ndescription: demo site {site} (the local test cluster)\n"
-                    "partitions:\n  default: low\n"
-                    f"extra_directives: [\"--nodelist=node{i}\"]\n")
-            subprocess.run(["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
-                           input=text, capture_output=True, text=True, check=True)
+            text = (
+                f"extends: local\ndescription: demo site {site} (the local test cluster)\n"
+                "partitions:\n  default: low\n"
+                f'extra_directives: ["--nodelist=node{i}"]\n'
+            )
+            subprocess.run(
+                ["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
+                input=text,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
 
     def images(self) -> dict:
         images = {}
-        listed = {i.get("role"): i for i in hpcfed_json("image", "list", "--site", "local")["images"]}
+        listed = {
+            i.get("role"): i for i in hpcfed_json("image", "list", "--site", "local")["images"]
+        }
         for role in ("server", "client"):
             have = listed.get(role)
             if have and have.get("framework_version", have.get("version")) == NVFLARE_VERSION:
                 images[role] = have["path"]
                 say(f"reusing the {role} image {have['path']}")
                 continue
-            say(f"building the NVFlare {NVFLARE_VERSION} {role} image as {USER} "
-                f"(hpcfed image build, offline base {BASE_SIF})")
+            say(
+                f"building the NVFlare {NVFLARE_VERSION} {role} image as {USER} "
+                f"(hpcfed image build, offline base {BASE_SIF})"
+            )
             t0 = time.monotonic()
-            out = hpcfed_json("image", "build", role, "--framework", "nvflare", "--version",
-                              NVFLARE_VERSION, "--base", f"localimage:{BASE_SIF}", "--site", "local", "--compression", "zstd",
-                              timeout=1800)
+            out = hpcfed_json(
+                "image",
+                "build",
+                role,
+                "--framework",
+                "nvflare",
+                "--version",
+                NVFLARE_VERSION,
+                "--base",
+                f"localimage:{BASE_SIF}",
+                "--site",
+                "local",
+                "--compression",
+                "zstd",
+                timeout=1800,
+            )
             images[role] = out.get("path") or out.get("output")
             say(f"  built {images[role]} in {time.monotonic() - t0:.0f} s")
         self.state.images = images
@@ -193,13 +237,29 @@ class Federation:
             say(f"pulling the {role} kit for {site} from the dashboard (hpcfed kit pull)")
             # --repin: every demo run creates its federation anew (a new root CA); a real user
             # re-pins only when the project admin confirms the CA changed.
-            hpcfed("kit", "pull", "--dashboard", url, "--user", email, "--role", role,
-                   "--site", site, "--repin", *extra,
-                   env={"HPCFED_DASHBOARD_PASSWORD": self.passwords[email]})
+            hpcfed(
+                "kit",
+                "pull",
+                "--dashboard",
+                url,
+                "--user",
+                email,
+                "--role",
+                role,
+                "--site",
+                site,
+                "--repin",
+                *extra,
+                env={"HPCFED_DASHBOARD_PASSWORD": self.passwords[email]},
+            )
 
     def tunnel_keys(self) -> None:
         """genconf on the hub, the key pair made where it is used, the public key back to the hub."""
-        peers = [("server", SERVER_NAME)] + [("client", s) for s in CLIENT_SITES] + [("client", "admin")]
+        peers = (
+            [("server", SERVER_NAME)]
+            + [("client", s) for s in CLIENT_SITES]
+            + [("client", "admin")]
+        )
         for type_, peer in peers:
             info = json.loads(self.hub.hub("genconf", type_, peer, "--json").stdout)
             conf = self.userdir / f"{peer}.wg.conf"
@@ -210,42 +270,81 @@ class Federation:
             self.hub.hub("add", type_, peer, pub)
             self.state.public_keys[peer] = pub
             self.tunnel_ips[peer] = info["address"].split("/")[0]
-            say(f"tunnel peer {peer}: {self.tunnel_ips[peer]} (key made by {USER}, only the public key sent)")
+            say(
+                f"tunnel peer {peer}: {self.tunnel_ips[peer]} (key made by {USER}, only the public key sent)"
+            )
 
     def submit_roles(self) -> None:
         server_ip = self.tunnel_ips[SERVER_NAME]
         say("submitting the server role (hpcfed submit server --site local)")
         self.mark("submit")
-        hpcfed("submit", "server", "--site", "local", "--name", "demo-server", "--gpus", "0",
-               "--image", self.state.images["server"],
-               "--tunnel-config", str(self.userdir / f"{SERVER_NAME}.wg.conf"),
-               # The server listens on another local port: the clients' forwards of the kit's
-               # port share this one host with it (on real sites they are on other clusters).
-               "-R", f"{FL_PORT}=127.0.0.1:{FL_PORT + 10000}")
+        hpcfed(
+            "submit",
+            "server",
+            "--site",
+            "local",
+            "--name",
+            "demo-server",
+            "--gpus",
+            "0",
+            "--image",
+            self.state.images["server"],
+            "--tunnel-config",
+            str(self.userdir / f"{SERVER_NAME}.wg.conf"),
+            # The server listens on another local port: the clients' forwards of the kit's
+            # port share this one host with it (on real sites they are on other clusters).
+            "-R",
+            f"{FL_PORT}=127.0.0.1:{FL_PORT + 10000}",
+        )
         self.state.deployments.append("demo-server")
         for i, site in enumerate(CLIENT_SITES, start=1):
-            say(f"submitting the client role of {site} with 1 GPU (hpcfed submit client --site {site})")
-            hpcfed("submit", "client", "--site", site, "--name", f"demo-{site}", "--gpus", "1",
-                   "--image", self.state.images["client"],
-                   "--tunnel-config", str(self.userdir / f"{site}.wg.conf"),
-                   "-L", f"127.0.{10 + i}.1:{FL_PORT}={server_ip}:{FL_PORT}")
+            say(
+                f"submitting the client role of {site} with 1 GPU (hpcfed submit client --site {site})"
+            )
+            hpcfed(
+                "submit",
+                "client",
+                "--site",
+                site,
+                "--name",
+                f"demo-{site}",
+                "--gpus",
+                "1",
+                "--image",
+                self.state.images["client"],
+                "--tunnel-config",
+                str(self.userdir / f"{site}.wg.conf"),
+                "-L",
+                f"127.0.{10 + i}.1:{FL_PORT}={server_ip}:{FL_PORT}",
+            )
             self.state.deployments.append(f"demo-{site}")
         self.state.save()
 
     def wait_running(self, timeout: float = 300) -> dict:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]}
+            status = {
+                d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]
+            }
             states = {n: d.get("job_state") for n, d in status.items()}
             if all(s == "RUNNING" for s in states.values()):
-                say("all roles running: " + ", ".join(
-                    f"{n} on {status[n].get('node') or status[n].get('nodes') or '?'}" for n in states))
+                say(
+                    "all roles running: "
+                    + ", ".join(
+                        f"{n} on {status[n].get('node') or status[n].get('nodes') or '?'}"
+                        for n in states
+                    )
+                )
                 return status
             time.sleep(2)
         raise DemoError(f"roles not running after {timeout:.0f} s: {states}")
 
-    def run_training(self, timeout: float = 900, job_src: Path = REPO / "demo" / "jobs" / "hello-numpy",
-                     on_event=None) -> dict:
+    def run_training(
+        self,
+        timeout: float = 900,
+        job_src: Path = REPO / "demo" / "jobs" / "hello-numpy",
+        on_event=None,
+    ) -> dict:
         """Submit the NVFlare job with the admin kit from inside the image, through a tunnel."""
         server_ip = self.tunnel_ips[SERVER_NAME]
         bind = "127.0.20.1"
@@ -253,19 +352,33 @@ class Federation:
         ready = self.userdir / "admin.ready"
         say("admin console: own tunnel peer, /etc/hosts maps the server name to its forward")
         tun = subprocess.Popen(
-            ["runuser", "-u", USER, "--"] + HPCFED + [
-                "tunnel", "up", "--config", str(admin_conf), "--ready-file", str(ready),
-                "-L", f"{bind}:{FL_PORT}={server_ip}:{FL_PORT}"],
-            stdout=open(self.userdir / "admin-tunnel.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True, env=dict(os.environ, HOME=str(self.home)))
+            ["runuser", "-u", USER, "--"]
+            + HPCFED
+            + [
+                "tunnel",
+                "up",
+                "--config",
+                str(admin_conf),
+                "--ready-file",
+                str(ready),
+                "-L",
+                f"{bind}:{FL_PORT}={server_ip}:{FL_PORT}",
+            ],
+            stdout=open(self.userdir / "admin-tunnel.log", "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=dict(os.environ, HOME=str(self.home)),
+        )
         self.state.admin_tunnel_pid = tun.pid
         self.state.save()
         try:
             deadline = time.monotonic() + 60
             while not ready.exists():
                 if tun.poll() is not None or time.monotonic() > deadline:
-                    raise DemoError(f"admin tunnel did not come up: "
-                                    f"{(self.userdir / 'admin-tunnel.log').read_text()[-800:]}")
+                    raise DemoError(
+                        f"admin tunnel did not come up: "
+                        f"{(self.userdir / 'admin-tunnel.log').read_text()[-800:]}"
+                    )
                 time.sleep(0.3)
             hosts = self.userdir / "admin.hosts"
             hosts.write_text(f"127.0.0.1 localhost\n{bind} {SERVER_NAME}\n")
@@ -277,13 +390,32 @@ class Federation:
             shutil.copy(REPO / "demo" / "admin_job.py", self.userdir / "admin_job.py")
             sh(["chown", "-R", f"{USER}:{USER}", str(self.userdir)])
             say(f"submitting the training job ({job_src.name}) through the admin kit")
-            argv = ["apptainer", "exec", "--cleanenv", "--containall",
-                    "--bind", f"{hosts}:/etc/hosts:ro", "--bind", f"{admin_kit}:/fl/admin:ro",
-                    "--bind", f"{self.userdir}:/fl/demo",
-                    self.state.images["client"], "python3", "/fl/demo/admin_job.py",
-                    ADMIN_EMAIL, "/fl/admin", "/fl/demo/jobs/job", str(timeout)]
-            proc = subprocess.Popen(["runuser", "-u", USER, "--"] + argv, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True, cwd="/tmp")
+            argv = [
+                "apptainer",
+                "exec",
+                "--cleanenv",
+                "--containall",
+                "--bind",
+                f"{hosts}:/etc/hosts:ro",
+                "--bind",
+                f"{admin_kit}:/fl/admin:ro",
+                "--bind",
+                f"{self.userdir}:/fl/demo",
+                self.state.images["client"],
+                "python3",
+                "/fl/demo/admin_job.py",
+                ADMIN_EMAIL,
+                "/fl/admin",
+                "/fl/demo/jobs/job",
+                str(timeout),
+            ]
+            proc = subprocess.Popen(
+                ["runuser", "-u", USER, "--"] + argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd="/tmp",
+            )
             result = {}
             for line in proc.stdout:
                 try:
@@ -317,26 +449,43 @@ class Federation:
         by_key = {}
         for line in dump.splitlines()[1:]:
             cols = line.split("\t")
-            by_key[cols[0]] = {"rx_bytes": int(cols[5]), "tx_bytes": int(cols[6]),
-                               "latest_handshake": int(cols[4])}
+            by_key[cols[0]] = {
+                "rx_bytes": int(cols[5]),
+                "tx_bytes": int(cols[6]),
+                "latest_handshake": int(cols[4]),
+            }
         return {peer: by_key.get(key, {}) for peer, key in self.state.public_keys.items()}
 
     def summary(self, result: dict) -> str:
-        status = {d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]}
+        status = {
+            d["name"]: d for d in hpcfed_json("status", *self.state.deployments)["deployments"]
+        }
         t = self.state.timeline
-        lines = ["", "=" * 72, f"federation result: {result.get('status')} (job {result.get('job_id')})",
-                 "-" * 72]
+        lines = [
+            "",
+            "=" * 72,
+            f"federation result: {result.get('status')} (job {result.get('job_id')})",
+            "-" * 72,
+        ]
         for name, d in status.items():
-            lines.append(f"{name:18} job {d.get('job_id', '?'):>6}  {d.get('job_state', '?'):10} "
-                         f"node {d.get('node') or d.get('nodes') or '?'}")
+            lines.append(
+                f"{name:18} job {d.get('job_id', '?'):>6}  {d.get('job_state', '?'):10} "
+                f"node {d.get('node') or d.get('nodes') or '?'}"
+            )
         lines.append("-" * 72)
         for peer, traffic in self.hub_traffic().items():
-            lines.append(f"tunnel {peer:12} via hub: {traffic.get('rx_bytes', 0) / 1e3:9.1f} kB in, "
-                         f"{traffic.get('tx_bytes', 0) / 1e3:9.1f} kB out")
+            lines.append(
+                f"tunnel {peer:12} via hub: {traffic.get('rx_bytes', 0) / 1e3:9.1f} kB in, "
+                f"{traffic.get('tx_bytes', 0) / 1e3:9.1f} kB out"
+            )
         if "submit" in t and "training_done" in t:
             lines.append(f"submit → training finished: {t['training_done'] - t['submit']:.0f} s")
-        lines += ["", "see it yourself (as hpcuser):  hpcfed status; hpcfed logs demo-server",
-                  "clean up (as root):           make demo-down", "=" * 72]
+        lines += [
+            "",
+            "see it yourself (as hpcuser):  hpcfed status; hpcfed logs demo-server",
+            "clean up (as root):           make demo-down",
+            "=" * 72,
+        ]
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ the whole sequence
@@ -382,7 +531,9 @@ def _user_exists(name: str) -> bool:
 
 def up() -> int:
     if os.geteuid() != 0:
-        print("demo: run as root (it starts the test cluster, a hub and a dashboard)", file=sys.stderr)
+        print(
+            "demo: run as root (it starts the test cluster, a hub and a dashboard)", file=sys.stderr
+        )
         return 7
     if STATE_DIR.exists():
         say("cleaning up a previous demo first")

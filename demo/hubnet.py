@@ -4,6 +4,7 @@ This stands in for the federation's hub machine with a public address: root buil
 (non-root, in the root namespace) dial its veth address over UDP. Only addresses inside the
 namespace we create are used.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,7 +41,9 @@ class HubNet:
     def create(self) -> None:
         self.destroy(keep_state=True)
         self._sh("ip", "netns", "add", self.ns)
-        self._sh("ip", "link", "add", self.veth + "a", "type", "veth", "peer", "name", self.veth + "b")
+        self._sh(
+            "ip", "link", "add", self.veth + "a", "type", "veth", "peer", "name", self.veth + "b"
+        )
         self._sh("ip", "link", "set", self.veth + "b", "netns", self.ns)
         self._sh("ip", "addr", "add", f"{self.subnet}.1/30", "dev", self.veth + "a")
         self._sh("ip", "link", "set", self.veth + "a", "up")
@@ -52,8 +55,13 @@ class HubNet:
     def hub(self, *args: str) -> subprocess.CompletedProcess:
         """`hpcfed hub ...` as root inside the hub's namespace."""
         env = dict(os.environ, HPCFED_HUB_DIR=self.state_dir)
-        proc = subprocess.run(["ip", "netns", "exec", self.ns, *HPCFED, "hub", *args],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run(
+            ["ip", "netns", "exec", self.ns, *HPCFED, "hub", *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         if proc.returncode != 0:
             raise RuntimeError(f"hpcfed hub {' '.join(args)}: {proc.stderr.strip()}")
         return proc

@@ -1,4 +1,5 @@
 """hpcfed: federated-learning roles as Apptainer containers in Slurm GPU jobs."""
+
 try:
     from importlib.metadata import version as _version
 

@@ -3,12 +3,13 @@
 The CLI module (hpcfed.cli.deploy) only parses flags and prints; this is the flow
 profile -> plan -> render -> runner/scheduler -> state, and the pieces rejoin reuses.
 """
+
 from __future__ import annotations
 
 import getpass
 import uuid
 from collections import defaultdict
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from hpcfed.errors import ConfigError, HpcfedError, SchedulerUnavailable
 from hpcfed.plan import Plan, SchedulerTarget
@@ -37,7 +38,9 @@ def connect(target: SchedulerTarget):
     return runner, make_scheduler(target, runner)
 
 
-def submit_plan(plan: Plan, script: str, store: DeploymentStore, progress=lambda m: None) -> Tuple[Deployment, str]:
+def submit_plan(
+    plan: Plan, script: str, store: DeploymentStore, progress=lambda m: None
+) -> Tuple[Deployment, str]:
     """Submit `script` for `plan`, record it, return (deployment, job id).
 
     The deployment is locked for the whole submit, so two login nodes cannot submit one name
@@ -59,8 +62,12 @@ def submit_plan(plan: Plan, script: str, store: DeploymentStore, progress=lambda
             runner.close()
         if dep is None:
             dep = Deployment(
-                name=plan.name, deployment_id=plan.deployment_id, site=plan.site, role=plan.role,
-                framework=plan.framework, plan=plan.model_dump(mode="json"),
+                name=plan.name,
+                deployment_id=plan.deployment_id,
+                site=plan.site,
+                role=plan.role,
+                framework=plan.framework,
+                plan=plan.model_dump(mode="json"),
             )
             dep.add_event("submitted", f"job {job_id}")
         else:

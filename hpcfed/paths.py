@@ -3,6 +3,7 @@
 State lives on the (often NFS-shared) home directory so every login node sees the same
 deployments; see hpcfed.state for how writes stay safe there.
 """
+
 from __future__ import annotations
 
 import os

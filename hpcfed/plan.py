@@ -4,6 +4,7 @@ build_plan() is pure: the same profile, role and flags always give the same plan
 I/O), so `--dry-run` shows exactly what would be submitted and golden files can pin it. The plan
 is serialised to JSON inside the sbatch script and read back by `hpcfed job run`.
 """
+
 from __future__ import annotations
 
 import re
@@ -128,7 +129,7 @@ class Plan(_Frozen):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str) -> Plan:
         return cls.model_validate_json(text)
 
     def log_path(self, job_id: str) -> str:
@@ -198,7 +199,11 @@ def server_listen_port(
     for spec in remote_forwards:
         fwd_port, _, target = spec.partition("=")
         _host, _, tport = target.rpartition(":")
-        if fwd_port.strip() == str(server_address[1]) and tport.isdigit() and int(tport) != server_address[1]:
+        if (
+            fwd_port.strip() == str(server_address[1])
+            and tport.isdigit()
+            and int(tport) != server_address[1]
+        ):
             return int(tport)
     return None
 

@@ -3,6 +3,7 @@
 Pure and strict: an undefined variable is an error, and a value that would break out of its
 `#SBATCH` line (a newline) is refused rather than rendered.
 """
+
 from __future__ import annotations
 
 import shlex

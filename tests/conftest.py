@@ -1,4 +1,5 @@
 """Session fixtures for real parts. The Slurm test cluster comes up once per session."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
-
 from helpers import hpcfed, need
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the tests: run commands (optionally as another user) and hpcfed itself."""
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ inside Docker; no Docker engine here), then configures it only through its publi
 the way a project admin and site researchers do in the browser: set up the project, register
 users and sites, approve them, freeze. See /work/shared/notes/nvflare-dashboard-and-kits.md.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,20 +48,30 @@ class Dashboard:
 
     # --- REST helpers (the browser's calls) -----------------------------------------------
     def login(self, email: str, password: str) -> str:
-        r = requests.post(self.url + self.api + "/login", json={"email": email, "password": password}, timeout=30)
+        r = requests.post(
+            self.url + self.api + "/login", json={"email": email, "password": password}, timeout=30
+        )
         r.raise_for_status()
         return r.json()["access_token"]
 
     def call(self, method: str, path: str, token: Optional[str] = None, **kw) -> requests.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return requests.request(method, self.url + self.api + path, headers=headers, timeout=60, **kw)
+        return requests.request(
+            method, self.url + self.api + path, headers=headers, timeout=60, **kw
+        )
 
     def admin(self) -> str:
         return self.login(ADMIN_EMAIL, self.admin_password)
 
-    def setup_project(self, short_name: str, server: str = "localhost", fl_port: Optional[int] = None) -> None:
+    def setup_project(
+        self, short_name: str, server: str = "localhost", fl_port: Optional[int] = None
+    ) -> None:
         self.fl_port = fl_port or free_port()
-        body = {"short_name": short_name, "title": f"{short_name} test federation", "server1": server}
+        body = {
+            "short_name": short_name,
+            "title": f"{short_name} test federation",
+            "server1": server,
+        }
         if self.api == API_BASES[0]:
             body["server_props"] = {"fed_learn_port": self.fl_port, "admin_port": self.fl_port}
         else:  # 2.5 and older: ports are fixed
@@ -70,14 +81,22 @@ class Dashboard:
 
     def add_user(self, email: str, org: str, role: str = "org_admin", approve: bool = True) -> int:
         password = secrets.token_hex(8)
-        body = {"email": email, "password": password, "name": email.split("@")[0], "organization": org, "role": role}
+        body = {
+            "email": email,
+            "password": password,
+            "name": email.split("@")[0],
+            "organization": org,
+            "role": role,
+        }
         r = self.call("POST", "/users", json=body)
         assert r.status_code == 201, r.text
         uid = r.json()["user"]["id"]
         self.users[email] = password
         self.orgs[email] = org
         if approve:
-            self.call("PATCH", f"/users/{uid}", self.admin(), json={"approval_state": 100}).raise_for_status()
+            self.call(
+                "PATCH", f"/users/{uid}", self.admin(), json={"approval_state": 100}
+            ).raise_for_status()
         return uid
 
     def add_site(self, email: str, name: str, gpus: int = 0, approve: bool = True) -> int:
@@ -97,7 +116,9 @@ class Dashboard:
         return cid
 
     def approve_site(self, cid: int) -> None:
-        self.call("PATCH", f"/clients/{cid}", self.admin(), json={"approval_state": 100}).raise_for_status()
+        self.call(
+            "PATCH", f"/clients/{cid}", self.admin(), json={"approval_state": 100}
+        ).raise_for_status()
 
     def freeze(self) -> None:
         self.call("PATCH", "/project", self.admin(), json={"frozen": True}).raise_for_status()
@@ -149,16 +170,34 @@ def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> 
         import nvflare
 
         dash_dir = os.path.join(os.path.dirname(nvflare.__file__), "dashboard")
-    argv = [sys.executable, "-m", "gunicorn", "-w", "1", "--no-control-socket", "-b", f"127.0.0.1:{port}",
-            "--pythonpath", dash_dir, "nvflare.dashboard.wsgi:app"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-w",
+        "1",
+        "--no-control-socket",
+        "-b",
+        f"127.0.0.1:{port}",
+        "--pythonpath",
+        dash_dir,
+        "nvflare.dashboard.wsgi:app",
+    ]
     log = open(os.path.join(web_root, "gunicorn.log"), "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=web_root)
-    dash = Dashboard(url=f"http://127.0.0.1:{port}", admin_password=admin_password, web_root=web_root, proc=proc,
-                     passphrase=passphrase)
+    dash = Dashboard(
+        url=f"http://127.0.0.1:{port}",
+        admin_password=admin_password,
+        web_root=web_root,
+        proc=proc,
+        passphrase=passphrase,
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"dashboard exited: {open(log.name, errors='replace').read()[-2000:]}")
+            raise RuntimeError(
+                f"dashboard exited: {open(log.name, errors='replace').read()[-2000:]}"
+            )
         for base in API_BASES:
             try:
                 if requests.get(dash.url + base + "/project", timeout=2).ok:
@@ -168,4 +207,4 @@ def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> 
                 pass
         time.sleep(0.2)
     dash.stop()
-    raise RuntimeError("dashboard did not answer within %ss" % timeout)
+    raise RuntimeError(f"dashboard did not answer within {timeout}s")

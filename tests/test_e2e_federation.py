@@ -4,26 +4,30 @@ network namespace and hpcfed's userspace tunnel — driven by the same code as `
 (demo/federation.py). One client is preempted mid-training; it must come back by itself and the
 training job must still finish. Any bypassed part fails a check below.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from helpers import need, run
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # demo/ only: hpcfed itself comes from the installed package
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slurm, pytest.mark.apptainer, pytest.mark.nvflare,
-              pytest.mark.wireguard]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slurm,
+    pytest.mark.apptainer,
+    pytest.mark.nvflare,
+    pytest.mark.wireguard,
+]
 
 
 def _status(name):
@@ -55,7 +59,10 @@ def _slow_job(tmp_path) -> Path:
 def federation(slurm_cluster, tmp_path_factory):
     for tool in ("apptainer", "wireguard-go", "wg", "zip"):
         need(shutil.which(tool) is not None, f"{tool} is not installed (scripts/bootstrap)")
-    need(os.path.exists("/var/cache/hpcfed/base-bookworm.sif"), "the offline base image (30-apptainer.sh)")
+    need(
+        os.path.exists("/var/cache/hpcfed/base-bookworm.sif"),
+        "the offline base image (30-apptainer.sh)",
+    )
     from demo import federation as demo
 
     if demo.STATE_DIR.exists():
@@ -68,8 +75,12 @@ def federation(slurm_cluster, tmp_path_factory):
     finally:
         for name in fed.state.deployments:
             print(f"----- hpcfed logs {name}")
-            print(run(["runuser", "-u", demo.USER, "--", *demo.HPCFED, "logs", name],
-                      env={"HOME": str(fed.home)}).stdout[-4000:])
+            print(
+                run(
+                    ["runuser", "-u", demo.USER, "--", *demo.HPCFED, "logs", name],
+                    env={"HOME": str(fed.home)},
+                ).stdout[-4000:]
+            )
         fed.down()
 
 
@@ -86,8 +97,10 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
 
     result = {}
     trainer = threading.Thread(
-        target=lambda: result.update(fed.run_training(timeout=600, job_src=_slow_job(tmp_path),
-                                                      on_event=on_event)))
+        target=lambda: result.update(
+            fed.run_training(timeout=600, job_src=_slow_job(tmp_path), on_event=on_event)
+        )
+    )
     trainer.start()
     deadline = time.monotonic() + 180
     while not any(e.get("status") == "RUNNING" for e in events):
@@ -95,8 +108,23 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
         time.sleep(1)
     time.sleep(8)  # a round or two in
     # A high-priority job that needs every GPU of the victim's node preempts the client.
-    high = run(["sbatch", "--parsable", "-p", "high", "-w", node, "--gres=gpu:a40:4",
-                "--chdir=/tmp", "-o", "/dev/null", "--wrap", "sleep 15"], env=fed_env())
+    high = run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            "high",
+            "-w",
+            node,
+            "--gres=gpu:a40:4",
+            "--chdir=/tmp",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 15",
+        ],
+        env=fed_env(),
+    )
     assert high.returncode == 0, high.stderr
     preempted["at"] = time.time()
     trainer.join(timeout=700)
@@ -144,4 +172,6 @@ def fed_env():
 def _logs(fed, name):
     from demo.federation import HPCFED, USER
 
-    return run(["runuser", "-u", USER, "--", *HPCFED, "logs", name], env={"HOME": str(fed.home)}).stdout
+    return run(
+        ["runuser", "-u", USER, "--", *HPCFED, "logs", name], env={"HOME": str(fed.home)}
+    ).stdout

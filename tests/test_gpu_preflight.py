@@ -6,6 +6,7 @@ driver), so NVML cannot be exercised for real here. The fake replaces the pynvml
 error classes and constants, so the preflight's handling of them is the real handling.
 The last tests run the real CLI where NVML is really absent.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,10 +15,10 @@ from dataclasses import dataclass, field
 
 import pynvml
 import pytest
+from helpers import hpcfed
 
 from hpcfed.errors import GpuPreflightFailed
 from hpcfed.gpu.preflight import inspect_gpus, run_preflight
-from helpers import hpcfed
 
 MIB = 1024 * 1024
 
@@ -65,6 +66,7 @@ def fake_nvml(gpus: list[FakeGpu], init_error: type | None = None) -> types.Simp
             if g.lost:
                 raise pynvml.NVMLError_GpuIsLost()
             return fn(g, *args)
+
         return call
 
     proc = lambda pid: types.SimpleNamespace(pid=pid, usedGpuMemory=512 * MIB)  # noqa: E731
@@ -78,10 +80,14 @@ def fake_nvml(gpus: list[FakeGpu], init_error: type | None = None) -> types.Simp
     ns.nvmlDeviceGetUUID = answering(lambda g: g.uuid)
     ns.nvmlDeviceGetIndex = answering(lambda g: gpus.index(g))
     ns.nvmlDeviceGetMinorNumber = answering(lambda g: g.minor)
-    ns.nvmlDeviceGetMemoryInfo = answering(lambda g: types.SimpleNamespace(
-        total=g.total_mib * MIB, used=g.used_mib * MIB, free=(g.total_mib - g.used_mib) * MIB))
+    ns.nvmlDeviceGetMemoryInfo = answering(
+        lambda g: types.SimpleNamespace(
+            total=g.total_mib * MIB, used=g.used_mib * MIB, free=(g.total_mib - g.used_mib) * MIB
+        )
+    )
     ns.nvmlDeviceGetRetiredPagesPendingStatus = answering(
-        lambda g: pynvml.NVML_FEATURE_ENABLED if g.retired_pending else pynvml.NVML_FEATURE_DISABLED)
+        lambda g: pynvml.NVML_FEATURE_ENABLED if g.retired_pending else pynvml.NVML_FEATURE_DISABLED
+    )
     ns.nvmlDeviceGetRemappedRows = answering(lambda g: g.remap)
     ns.nvmlDeviceGetTotalEccErrors = answering(lambda g, etype, counter: g.ecc_uncorrected)
     ns.nvmlDeviceGetComputeRunningProcesses = answering(lambda g: [proc(p) for p in g.processes])
@@ -129,7 +135,9 @@ def test_lost_gpu_fails():
 
 def test_ecc_errors_beyond_threshold_fail_and_within_pass():
     gpus = node(2, **{"1": {"ecc_uncorrected": 3}})
-    with pytest.raises(GpuPreflightFailed, match=r"GPU 1: 3 uncorrected ECC error\(s\).*threshold 0"):
+    with pytest.raises(
+        GpuPreflightFailed, match=r"GPU 1: 3 uncorrected ECC error\(s\).*threshold 0"
+    ):
         run_preflight(None, False, env=JOB_2_GPUS, nvml=fake_nvml(gpus))
     report = run_preflight(None, False, env=JOB_2_GPUS, ecc_threshold=5, nvml=fake_nvml(gpus))
     assert report["ok"] and report["gpus"][1]["ecc_uncorrected_volatile"] == 3
@@ -145,13 +153,17 @@ def test_retired_pages_pending_and_failed_remap_fail():
 
 def test_busy_gpu_fails_naming_the_other_process():
     gpus = node(2, **{"0": {"processes": [4242], "used_mib": 30000}})
-    with pytest.raises(GpuPreflightFailed, match=r"GPU 0: busy: 1 other process\(es\) use it \(pid 4242\)"):
+    with pytest.raises(
+        GpuPreflightFailed, match=r"GPU 0: busy: 1 other process\(es\) use it \(pid 4242\)"
+    ):
         run_preflight(None, False, env=JOB_2_GPUS, nvml=fake_nvml(gpus))
 
 
 def test_too_little_free_memory_fails():
     gpus = node(2, **{"1": {"used_mib": 40000}})
-    with pytest.raises(GpuPreflightFailed, match="GPU 1: 6068 MiB free, the profile expects at least 20000 MiB"):
+    with pytest.raises(
+        GpuPreflightFailed, match="GPU 1: 6068 MiB free, the profile expects at least 20000 MiB"
+    ):
         run_preflight(20000, False, env=JOB_2_GPUS, nvml=fake_nvml(gpus))
 
 
@@ -177,7 +189,9 @@ def test_uuid_assignment_is_looked_up_by_uuid():
 def test_without_nvml_the_profile_decides():
     nvml = fake_nvml([], init_error=pynvml.NVMLError_LibraryNotFound)
     report = run_preflight(None, True, env=JOB_2_GPUS, nvml=nvml)
-    assert report["ok"] and report["skipped"].startswith("skipping: NVML library (libnvidia-ml.so.1) not found")
+    assert report["ok"] and report["skipped"].startswith(
+        "skipping: NVML library (libnvidia-ml.so.1) not found"
+    )
     assert report["assignment"]["count"] == 2
     with pytest.raises(GpuPreflightFailed, match="preflight.allow_without_nvml is false"):
         run_preflight(None, False, env=JOB_2_GPUS, nvml=nvml)

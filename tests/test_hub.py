@@ -4,6 +4,7 @@ What the hub admin relies on: addresses come from the type's prefix, each site's
 the hub key, a PSK and the endpoint; add/remove/re-register change the live interface at once;
 `hub up` after the interface is gone (a reboot) restores every registered peer with its PSK.
 """
+
 from __future__ import annotations
 
 import json
@@ -11,9 +12,9 @@ import os
 import stat
 
 import pytest
+from test_tunnel_wireguard import HubNet, need_hub_tools
 
 from hpcfed.tunnel import keys
-from test_tunnel_wireguard import HubNet, need_hub_tools
 
 pytestmark = pytest.mark.wireguard
 
@@ -40,7 +41,9 @@ def test_registry_on_a_live_interface(hubnet):
     proc = net.hub("list", check=False)
     assert proc.returncode == 8 and "hpcfed hub init" in proc.stderr
 
-    info = json.loads(net.hub("init", "--endpoint", net.endpoint, "--interface", net.iface, "--json").stdout)
+    info = json.loads(
+        net.hub("init", "--endpoint", net.endpoint, "--interface", net.iface, "--json").stdout
+    )
     hub_dir = net.dir / "hub"
     assert stat.S_IMODE(hub_dir.stat().st_mode) == 0o700
     assert stat.S_IMODE((hub_dir / "private.key").stat().st_mode) == 0o600
@@ -55,12 +58,18 @@ def test_registry_on_a_live_interface(hubnet):
     srv = json.loads(net.hub("genconf", "server", "fl-server", "--json").stdout)
     a = json.loads(net.hub("genconf", "client", "site-a", "--json").stdout)
     b = json.loads(net.hub("genconf", "client", "site-b", "--json").stdout)
-    assert (srv["address"], a["address"], b["address"]) == ("10.220.0.2", "10.221.0.1", "10.221.0.2")
+    assert (srv["address"], a["address"], b["address"]) == (
+        "10.220.0.2",
+        "10.221.0.1",
+        "10.221.0.2",
+    )
     conf = open(a["config"]).read()
     assert stat.S_IMODE(os.stat(a["config"]).st_mode) == 0o600
     assert f"PublicKey = {info['public_key']}" in conf and f"Endpoint = {net.endpoint}" in conf
     assert "Address = 10.221.0.1/32" in conf and "PrivateKey" not in conf
-    psk_a = next(l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PresharedKey"))
+    psk_a = next(
+        l.split("=", 1)[1].strip() for l in conf.splitlines() if l.startswith("PresharedKey")
+    )
     dup = net.hub("genconf", "client", "site-a", check=False)
     assert dup.returncode == 3 and "already has a config" in dup.stderr
 
@@ -94,9 +103,14 @@ def test_registry_on_a_live_interface(hubnet):
     assert key2 in _live(net)
     net.hub("removeconf", "client", "site-b")
     assert not os.path.exists(b["config"])
-    assert ("client", "site-b") not in {(p["type"], p["id"]) for p in json.loads(net.hub("list", "--json").stdout)}
+    assert ("client", "site-b") not in {
+        (p["type"], p["id"]) for p in json.loads(net.hub("list", "--json").stdout)
+    }
     # the freed address is handed out again
-    assert json.loads(net.hub("genconf", "client", "site-c", "--json").stdout)["address"] == "10.221.0.2"
+    assert (
+        json.loads(net.hub("genconf", "client", "site-c", "--json").stdout)["address"]
+        == "10.221.0.2"
+    )
 
     # a reboot: the interface disappears; `hub up` restores every peer with its PSK
     net.hub("down")
@@ -114,7 +128,11 @@ def test_bad_input_is_one_line_and_changes_nothing(hubnet):
         net.hub("init", "--endpoint", net.endpoint, "--interface", net.iface)
     before = (net.dir / "hub" / "peers.json").read_text()
     cases = [
-        (("add", "client", "nobody", keys.public_from_private(keys.generate_private())), 8, "no peer client nobody"),
+        (
+            ("add", "client", "nobody", keys.public_from_private(keys.generate_private())),
+            8,
+            "no peer client nobody",
+        ),
         (("add", "client", "site-a", "not-a-key"), 3, "is not a base64 WireGuard key"),
         (("genconf", "client", "bad id"), 3, "peer id 'bad id'"),
         (("init", "--endpoint", "nohost", "--force"), 3, "Endpoint must be HOST:PORT"),

@@ -4,6 +4,7 @@ Every kit here is issued by the dashboard itself; tampered kits are made from re
 swapping real files (another federation's root CA, another user's key), and the legacy signed
 kit is a real kit signed with the federation's real root key the way NVFlare <= 2.7 did.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcfed, need
 
-nvflare = pytest.importorskip("nvflare", reason="needs the nvflare extra (pip install hpcfed[nvflare])")
+nvflare = pytest.importorskip(
+    "nvflare", reason="needs the nvflare extra (pip install hpcfed[nvflare])"
+)
 from nvflare_dashboard import start_dashboard  # noqa: E402
 
 pytestmark = pytest.mark.nvflare
@@ -42,7 +44,10 @@ def _setup(dash, freeze=True):
 
 @pytest.fixture(scope="module")
 def dashboard():
-    need(shutil.which("zip") is not None, "the dashboard needs the zip binary (scripts/bootstrap.d/40-nvflare.sh)")
+    need(
+        shutil.which("zip") is not None,
+        "the dashboard needs the zip binary (scripts/bootstrap.d/40-nvflare.sh)",
+    )
     dash = start_dashboard()
     try:
         yield _setup(dash)
@@ -66,8 +71,10 @@ LEGACY_NVFLARE = os.environ.get("HPCFED_NVFLARE_LEGACY", "/opt/hpcfed/nvflare-2.
 @pytest.fixture(scope="module")
 def legacy_dashboard():
     """A real NVFlare 2.5 dashboard: API under /api/v1, kits signed with signature.json."""
-    need(os.path.isfile(os.path.join(LEGACY_NVFLARE, "nvflare", "dashboard", "wsgi.py")),
-         f"NVFlare 2.5 in {LEGACY_NVFLARE} (scripts/bootstrap.d/40-nvflare.sh)")
+    need(
+        os.path.isfile(os.path.join(LEGACY_NVFLARE, "nvflare", "dashboard", "wsgi.py")),
+        f"NVFlare 2.5 in {LEGACY_NVFLARE} (scripts/bootstrap.d/40-nvflare.sh)",
+    )
     dash = start_dashboard(nvflare_root=LEGACY_NVFLARE)
     try:
         dash.setup_project("fed25")
@@ -85,7 +92,9 @@ def data_home(tmp_path):
 
 
 def pull(dash, env, *args, email=ALICE, password=None):
-    env = dict(env, HPCFED_DASHBOARD_PASSWORD=password or dash.users.get(email) or dash.admin_password)
+    env = dict(
+        env, HPCFED_DASHBOARD_PASSWORD=password or dash.users.get(email) or dash.admin_password
+    )
     return hpcfed("kit", "pull", "--dashboard", dash.url, "--user", email, "--json", *args, env=env)
 
 
@@ -114,7 +123,7 @@ def assert_refused(proc, code, *phrases):
 
 
 def assert_private(root: Path):
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700, folder
         for name in files:
             mode = stat.S_IMODE(os.stat(os.path.join(folder, name)).st_mode)
@@ -124,15 +133,30 @@ def assert_private(root: Path):
 # --- happy path ---------------------------------------------------------------------------------
 def test_pull_client_server_and_admin_kits_installs_them_private(dashboard, data_home):
     client = pull_ok(dashboard, data_home, "--site", "site-1")
-    assert (client["federation"], client["site"], client["role"], client["name"]) == (FED, "site-1", "client", "site-1")
+    assert (client["federation"], client["site"], client["role"], client["name"]) == (
+        FED,
+        "site-1",
+        "client",
+        "site-1",
+    )
     assert (client["server_host"], client["server_port"]) == ("localhost", dashboard.fl_port)
     assert client["gpu_capacity"] == 2
     assert client["pinned"] == "new"
-    server = pull_ok(dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test")
-    assert (server["role"], server["name"], server["server_port"]) == ("server", "localhost", dashboard.fl_port)
+    server = pull_ok(
+        dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test"
+    )
+    assert (server["role"], server["name"], server["server_port"]) == (
+        "server",
+        "localhost",
+        dashboard.fl_port,
+    )
     assert server["pinned"] == "kept" and server["root_fingerprint"] == client["root_fingerprint"]
     admin = pull_ok(dashboard, data_home, "--role", "admin", email="admin@fed.test")
-    assert (admin["role"], admin["name"], admin["site"]) == ("admin", "admin@fed.test", "admin@fed.test")
+    assert (admin["role"], admin["name"], admin["site"]) == (
+        "admin",
+        "admin@fed.test",
+        "admin@fed.test",
+    )
 
     for kit in (client, server, admin):
         path = Path(kit["path"])
@@ -146,21 +170,34 @@ def test_pull_client_server_and_admin_kits_installs_them_private(dashboard, data
     assert not any((kits_dir(data_home) / ".staging").iterdir()), "staging left behind"
 
     assert {(k["site"], k["role"]) for k in installed(data_home)} == {
-        ("site-1", "client"), ("hub", "server"), ("admin@fed.test", "admin")}
+        ("site-1", "client"),
+        ("hub", "server"),
+        ("admin@fed.test", "admin"),
+    }
     shown = json.loads(hpcfed("kit", "show", "site-1", "--json", env=data_home).stdout)
     assert shown["path"] == client["path"]
     # a dashboard site name that differs from the hpcfed site (profile) name
     aliased = pull_ok(dashboard, data_home, "--site", "site-2", "--as", "ohsu")
     assert (aliased["site"], aliased["name"]) == ("ohsu", "site-2")
-    assert json.loads(hpcfed("kit", "show", "ohsu", "--json", env=data_home).stdout)["path"] == aliased["path"]
+    assert (
+        json.loads(hpcfed("kit", "show", "ohsu", "--json", env=data_home).stdout)["path"]
+        == aliased["path"]
+    )
     proc = hpcfed("kit", "verify", client["path"], "--site", "site-1", "--json", env=data_home)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] and report["checks"] == {
-        "chain": True, "key_matches": True, "name": True, "valid_now": True, "pinned_root": True}
+        "chain": True,
+        "key_matches": True,
+        "name": True,
+        "valid_now": True,
+        "pinned_root": True,
+    }
 
 
-def test_find_kit_interface_and_repull_keeps_previous_for_rollback(dashboard, data_home, monkeypatch):
+def test_find_kit_interface_and_repull_keeps_previous_for_rollback(
+    dashboard, data_home, monkeypatch
+):
     first = pull_ok(dashboard, data_home, "--site", "site-1")
     second = pull_ok(dashboard, data_home, "--site", "site-1")
     assert second["path"] != first["path"] and second["has_previous"]
@@ -234,13 +271,18 @@ def test_register_takes_gpu_capacity_from_the_site_profile(dashboard, data_home)
     expected = load_site("local").profile.gpus.max_per_node  # the bundled test-cluster profile
     proc = pull(dashboard, data_home, "--site", "site-prof", "--register", "--profile", "local")
     assert_refused(proc, 6, "site-prof", "waits for approval")
-    sites = {s["name"]: s for s in dashboard.call("GET", "/clients", dashboard.admin()).json()["client_list"]}
+    sites = {
+        s["name"]: s
+        for s in dashboard.call("GET", "/clients", dashboard.admin()).json()["client_list"]
+    }
     assert sites["site-prof"]["capacity"]["num_of_gpus"] == expected
 
 
 def test_no_password_source_is_a_clear_error_not_a_prompt(dashboard, data_home):
     env = dict(data_home, HPCFED_DASHBOARD_PASSWORD="")
-    proc = hpcfed("kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", env=env)
+    proc = hpcfed(
+        "kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", env=env
+    )
     assert_refused(proc, 3, "HPCFED_DASHBOARD_PASSWORD")
 
 
@@ -248,7 +290,9 @@ def test_no_password_source_is_a_clear_error_not_a_prompt(dashboard, data_home):
 def test_changed_root_after_pinning_is_refused_until_repin(dashboard, other_dashboard, data_home):
     first = pull_ok(dashboard, data_home, "--site", "site-1")
     proc = pull(other_dashboard, data_home, "--site", "site-1")
-    assert_refused(proc, 6, "root CA of federation 'fedtest' changed", first["root_fingerprint"], "--repin")
+    assert_refused(
+        proc, 6, "root CA of federation 'fedtest' changed", first["root_fingerprint"], "--repin"
+    )
     assert [k["path"] for k in installed(data_home)] == [first["path"]]
     assert not any((kits_dir(data_home) / ".staging").iterdir()), "a refused kit was left on disk"
     assert len(list(Path(first["path"]).parent.iterdir())) == 1
@@ -266,7 +310,9 @@ def test_kit_from_another_root_ca_is_refused(dashboard, other_dashboard, data_ho
     other_env = {"XDG_DATA_HOME": str(tmp_path / "other")}
     theirs = pull_ok(other_dashboard, other_env, "--site", "site-1")
     mixed = _kit_copy(mine, tmp_path / "mixed")
-    shutil.copyfile(Path(theirs["path"]) / "startup" / "rootCA.pem", mixed / "startup" / "rootCA.pem")
+    shutil.copyfile(
+        Path(theirs["path"]) / "startup" / "rootCA.pem", mixed / "startup" / "rootCA.pem"
+    )
 
     proc = hpcfed("kit", "verify", str(mixed), "--no-pin", "--json", env=data_home)
     assert proc.returncode == 6
@@ -274,7 +320,9 @@ def test_kit_from_another_root_ca_is_refused(dashboard, other_dashboard, data_ho
     assert report["checks"]["chain"] is False
     assert any("not signed by the kit's root CA" in e for e in report["errors"])
 
-    proc = hpcfed("kit", "import", str(mixed), "--site", "site-x", "--expect-name", "site-1", env=data_home)
+    proc = hpcfed(
+        "kit", "import", str(mixed), "--site", "site-x", "--expect-name", "site-1", env=data_home
+    )
     assert_refused(proc, 6, "not signed by the kit's root CA")
     assert [k["site"] for k in installed(data_home)] == ["site-1"]
 
@@ -283,12 +331,16 @@ def test_key_that_does_not_match_its_certificate_is_refused(dashboard, data_home
     client = pull_ok(dashboard, data_home, "--site", "site-1")
     admin = pull_ok(dashboard, data_home, "--role", "admin", email="admin@fed.test")
     swapped = _kit_copy(client, tmp_path / "swapped")
-    shutil.copyfile(Path(admin["path"]) / "startup" / "client.key", swapped / "startup" / "client.key")
+    shutil.copyfile(
+        Path(admin["path"]) / "startup" / "client.key", swapped / "startup" / "client.key"
+    )
 
     proc = hpcfed("kit", "verify", str(swapped), "--site", "site-1", env=data_home)
     assert proc.returncode == 6
     assert "client.key is not the private key of startup/client.crt" in proc.stdout
-    proc = hpcfed("kit", "import", str(swapped), "--site", "site-y", "--expect-name", "site-1", env=data_home)
+    proc = hpcfed(
+        "kit", "import", str(swapped), "--site", "site-y", "--expect-name", "site-1", env=data_home
+    )
     assert_refused(proc, 6, "is not the private key")
     assert "site-y" not in {k["site"] for k in installed(data_home)}
 
@@ -321,8 +373,20 @@ def test_edited_file_in_a_legacy_signed_kit_is_refused(dashboard, data_home, tmp
     config.write_text(config.read_text().replace("localhost", "evil.example.org"))
     proc = hpcfed("kit", "verify", str(legacy), "--site", "site-1", "--json", env=data_home)
     assert proc.returncode == 6
-    assert "startup/fed_client.json does not match its signature: the file was changed" in json.loads(proc.stdout)["errors"]
-    proc = hpcfed("kit", "import", str(legacy), "--site", "site-legacy", "--expect-name", "site-1", env=data_home)
+    assert (
+        "startup/fed_client.json does not match its signature: the file was changed"
+        in json.loads(proc.stdout)["errors"]
+    )
+    proc = hpcfed(
+        "kit",
+        "import",
+        str(legacy),
+        "--site",
+        "site-legacy",
+        "--expect-name",
+        "site-1",
+        env=data_home,
+    )
     assert_refused(proc, 6, "fed_client.json does not match its signature")
     assert "site-legacy" not in {k["site"] for k in installed(data_home)}
 
@@ -332,10 +396,16 @@ def test_nvflare_2_5_dashboard_legacy_api_and_signed_kit(legacy_dashboard, data_
     kit = pull_ok(legacy_dashboard, data_home, "--site", "site-1")
     # 2.5 puts the address in overseer_agent.sp_end_point; ports are fixed
     assert (kit["federation"], kit["server_host"], kit["server_port"], kit["gpu_capacity"]) == (
-        "fed25", "localhost", 8002, 1)
+        "fed25",
+        "localhost",
+        8002,
+        1,
+    )
     proc = hpcfed("kit", "verify", kit["path"], "--site", "site-1", "--json", env=data_home)
     report = json.loads(proc.stdout)
-    assert proc.returncode == 0 and report["facts"]["signed"] and report["checks"]["signatures"], report
+    assert proc.returncode == 0 and report["facts"]["signed"] and report["checks"]["signatures"], (
+        report
+    )
 
     edited = _kit_copy(kit, tmp_path / "edited")
     script = edited / "startup" / "sub_start.sh"
@@ -343,23 +413,35 @@ def test_nvflare_2_5_dashboard_legacy_api_and_signed_kit(legacy_dashboard, data_
     proc = hpcfed("kit", "verify", str(edited), "--site", "site-1", "--json", env=data_home)
     assert proc.returncode == 6
     assert json.loads(proc.stdout)["errors"] == [
-        "startup/sub_start.sh does not match its signature: the file was changed"]
-    proc = hpcfed("kit", "import", str(edited), "--site", "site-25", "--expect-name", "site-1", env=data_home)
+        "startup/sub_start.sh does not match its signature: the file was changed"
+    ]
+    proc = hpcfed(
+        "kit", "import", str(edited), "--site", "site-25", "--expect-name", "site-1", env=data_home
+    )
     assert_refused(proc, 6, "sub_start.sh does not match its signature")
     assert "site-25" not in {k["site"] for k in installed(data_home)}
 
 
 # --- in-job workspace ---------------------------------------------------------------------------
-def test_prepare_workspace_flags_gpu_capacity_and_keeps_storage_in_workdir(dashboard, data_home, tmp_path):
+def test_prepare_workspace_flags_gpu_capacity_and_keeps_storage_in_workdir(
+    dashboard, data_home, tmp_path
+):
     from hpcfed.errors import KitError
     from hpcfed.kit.workspace import prepare_workspace
 
     client = pull_ok(dashboard, data_home, "--site", "site-1")  # registered with 2 GPUs
-    server = pull_ok(dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test")
+    server = pull_ok(
+        dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test"
+    )
     with pytest.raises(KitError, match="declares 2 GPU.*has 1"):
         prepare_workspace(client["path"], str(tmp_path / "job1"), "client", gpus=1)
     ws = Path(prepare_workspace(client["path"], str(tmp_path / "job4"), "client", gpus=4))
-    assert json.loads((ws / "local" / "resources.json").read_text())["components"][0]["args"]["num_of_gpus"] == 2
+    assert (
+        json.loads((ws / "local" / "resources.json").read_text())["components"][0]["args"][
+            "num_of_gpus"
+        ]
+        == 2
+    )
     with pytest.raises(KitError, match="server kit, but this job runs the client role"):
         prepare_workspace(server["path"], str(tmp_path / "job2"), "client", gpus=2)
 
@@ -369,7 +451,9 @@ def test_prepare_workspace_flags_gpu_capacity_and_keeps_storage_in_workdir(dashb
     assert "/tmp/nvflare" not in resources and str(ws / "storage" / "jobs") in resources
     (ws / "storage" / "jobs" / "job-a").mkdir()
     again = Path(prepare_workspace(server["path"], str(tmp_path / "srv"), "server", gpus=0))
-    assert (again / "storage" / "jobs" / "job-a").is_dir(), "a requeued job must keep the server's storage"
+    assert (again / "storage" / "jobs" / "job-a").is_dir(), (
+        "a requeued job must keep the server's storage"
+    )
     assert (again / "startup" / "server.key").stat().st_mode & 0o077 == 0
 
 
@@ -385,11 +469,15 @@ def _wait_for(path: Path, text: str, proc, timeout: float) -> bool:
 
 
 @pytest.mark.timeout(180)
-def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(dashboard, data_home, tmp_path):
+def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(
+    dashboard, data_home, tmp_path
+):
     from hpcfed.kit.workspace import prepare_workspace
 
     client = pull_ok(dashboard, data_home, "--site", "site-2")  # 0 GPUs: this machine has none
-    server = pull_ok(dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test")
+    server = pull_ok(
+        dashboard, data_home, "--role", "server", "--site", "hub", email="admin@fed.test"
+    )
     srv_ws = Path(prepare_workspace(server["path"], str(tmp_path / "srv"), "server", gpus=0))
     cli_ws = Path(prepare_workspace(client["path"], str(tmp_path / "cli"), "client", gpus=0))
     env = dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
@@ -398,14 +486,27 @@ def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(dashboard, 
     try:
         for ws in (srv_ws, cli_ws):
             out = open(ws / "console.txt", "wb")
-            procs.append(subprocess.Popen(["bash", "startup/sub_start.sh", "--once"], cwd=ws, env=env,
-                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    ["bash", "startup/sub_start.sh", "--once"],
+                    cwd=ws,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         server_proc, client_proc = procs
         # mTLS both ways: the server admits the client's certificate, the client the server's
-        assert _wait_for(srv_ws / "log.txt", "New client site-2@", server_proc, 90), \
-            (srv_ws / "console.txt").read_text()[-3000:]
-        assert _wait_for(cli_ws / "log.txt", "Successfully registered client:site-2 for project fedtest", client_proc, 30), \
-            (cli_ws / "console.txt").read_text()[-3000:]
+        assert _wait_for(srv_ws / "log.txt", "New client site-2@", server_proc, 90), (
+            srv_ws / "console.txt"
+        ).read_text()[-3000:]
+        assert _wait_for(
+            cli_ws / "log.txt",
+            "Successfully registered client:site-2 for project fedtest",
+            client_proc,
+            30,
+        ), (cli_ws / "console.txt").read_text()[-3000:]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -419,7 +520,14 @@ def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(dashboard, 
 
 
 def test_kit_help_has_examples():
-    for args in (("kit",), ("kit", "pull"), ("kit", "verify"), ("kit", "list"), ("kit", "show"), ("kit", "use")):
+    for args in (
+        ("kit",),
+        ("kit", "pull"),
+        ("kit", "verify"),
+        ("kit", "list"),
+        ("kit", "show"),
+        ("kit", "use"),
+    ):
         proc = hpcfed(*args, "--help")
         assert proc.returncode == 0 and "Example" in proc.stdout, args
 
@@ -445,9 +553,23 @@ def test_non_root_user_pulls_into_their_own_private_data_dir(dashboard, slurm_cl
     home = tempfile.mkdtemp(prefix="hpcfed-kit-user-")
     try:
         os.chown(home, pw.pw_uid, pw.pw_gid)
-        env = {"XDG_DATA_HOME": os.path.join(home, "data"), "HPCFED_DASHBOARD_PASSWORD": dashboard.users[ALICE]}
-        proc = hpcfed("kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", "--json",
-                      env=env, user=user)
+        env = {
+            "XDG_DATA_HOME": os.path.join(home, "data"),
+            "HPCFED_DASHBOARD_PASSWORD": dashboard.users[ALICE],
+        }
+        proc = hpcfed(
+            "kit",
+            "pull",
+            "--dashboard",
+            dashboard.url,
+            "--user",
+            ALICE,
+            "--site",
+            "site-1",
+            "--json",
+            env=env,
+            user=user,
+        )
         assert proc.returncode == 0, proc.stderr
         kit = Path(json.loads(proc.stdout)["path"])
         key = kit / "startup" / "client.key"

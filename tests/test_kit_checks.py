@@ -4,6 +4,7 @@ No dashboard here: these kits are built with `cryptography` in the layout the no
 reach cases a healthy dashboard never produces (hostile zips, expiring certificates, NVFlare 2.7
 address fields, a crash in the middle of an install). test_kit.py covers the real dashboard.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -30,14 +31,23 @@ NOW = dt.datetime.now(dt.timezone.utc)
 
 
 def _name(cn, org="orga"):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn), x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, org),
+        ]
+    )
 
 
 def _cert(subject, issuer, pub, signer, days=360, ca=False):
     builder = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(pub)
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(pub)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW - dt.timedelta(days=1)).not_valid_after(NOW + dt.timedelta(days=days))
+        .not_valid_before(NOW - dt.timedelta(days=1))
+        .not_valid_after(NOW + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
     )
     return builder.sign(signer, hashes.SHA256())
@@ -53,13 +63,23 @@ def make_kit(path: Path, site="site-1", fed="fedx", days=360, config=None, gpus=
     pem = serialization.Encoding.PEM
     (path / "startup" / "rootCA.pem").write_bytes(root.public_bytes(pem))
     (path / "startup" / "client.crt").write_bytes(leaf.public_bytes(pem))
-    (path / "startup" / "client.key").write_bytes(key.private_bytes(
-        pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()))
+    (path / "startup" / "client.key").write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
     os.chmod(path / "startup" / "client.key", 0o600)
-    config = config or {"servers": [{"service": {"target": "fl.example.org:8002"}}], "client": {"fqsn": site}}
+    config = config or {
+        "servers": [{"service": {"target": "fl.example.org:8002"}}],
+        "client": {"fqsn": site},
+    }
     (path / "startup" / "fed_client.json").write_text(json.dumps(config))
     if gpus is not None:
-        comp = {"id": "resource_manager", "path": "x.GPUResourceManager", "args": {"num_of_gpus": gpus}}
+        comp = {
+            "id": "resource_manager",
+            "path": "x.GPUResourceManager",
+            "args": {"num_of_gpus": gpus},
+        }
         (path / "local" / "resources.json.default").write_text(json.dumps({"components": [comp]}))
     return path
 
@@ -79,12 +99,21 @@ def test_facts_from_a_2_9_kit(tmp_path):
     assert report.ok, report.errors
     f = report.facts
     assert (f.role, f.name, f.federation, f.server_host, f.server_port, f.gpu_capacity) == (
-        "client", "site-1", "fedx", "fl.example.org", 8002, 4)
+        "client",
+        "site-1",
+        "fedx",
+        "fl.example.org",
+        8002,
+        4,
+    )
     assert f.root_fingerprint.startswith("sha256:") and not f.signed
 
 
 def test_nvflare_2_7_address_is_read_from_the_overseer_end_point(tmp_path):
-    config = {"overseer_agent": {"args": {"sp_end_point": "server1.fed.org:8102:8103"}}, "client": {}}
+    config = {
+        "overseer_agent": {"args": {"sp_end_point": "server1.fed.org:8102:8103"}},
+        "client": {},
+    }
     report = verify_kit(make_kit(tmp_path / "k", config=config))
     assert (report.facts.server_host, report.facts.server_port) == ("server1.fed.org", 8102)
 
@@ -146,7 +175,9 @@ def test_unpack_wrong_pin_is_a_kit_error(tmp_path):
     if shutil.which("zip") is None:
         pytest.skip("needs the zip binary to make a PIN-encrypted archive like the dashboard does")
     kit = make_kit(tmp_path / "src")
-    subprocess.run(["zip", "-rq", "-P", "RIGHTPIN", str(tmp_path / "k.zip"), "."], cwd=kit, check=True)
+    subprocess.run(
+        ["zip", "-rq", "-P", "RIGHTPIN", str(tmp_path / "k.zip"), "."], cwd=kit, check=True
+    )
     data = (tmp_path / "k.zip").read_bytes()
     (tmp_path / "a").mkdir()
     with pytest.raises(KitError, match="cannot decrypt"):
@@ -212,7 +243,10 @@ def test_concurrent_installs_leave_a_valid_current_and_previous(data_home):
         staging = store.staging_dir() / "kit"
         os.rename(kit, staging)
         kits.append((staging, verify_kit(staging).facts))
-    threads = [threading.Thread(target=store.install_kit, args=(k, f), kwargs={"site": "site-1"}) for k, f in kits]
+    threads = [
+        threading.Thread(target=store.install_kit, args=(k, f), kwargs={"site": "site-1"})
+        for k, f in kits
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -1,6 +1,7 @@
 """Real preemption on the test cluster: a client in the preemptable partition is preempted by a
 high-priority job, stops its role gracefully on the warning signal, is requeued and runs again
 with no user action; the restart is recorded in the deployment's history."""
+
 from __future__ import annotations
 
 import json
@@ -8,11 +9,10 @@ import time
 import uuid
 
 import pytest
-
 from helpers import hpcfed, run
 
 pytestmark = pytest.mark.slurm
-ROLE = 'trap \'echo "role got TERM, saving state"; exit 0\' TERM; echo role-started; while :; do sleep 0.1; done'
+ROLE = "trap 'echo \"role got TERM, saving state\"; exit 0' TERM; echo role-started; while :; do sleep 0.1; done"
 
 
 def log_of(cluster, name):
@@ -33,8 +33,22 @@ def wait_log(cluster, name, predicate, timeout, what):
 @pytest.mark.timeout(300)
 def test_preempted_client_stops_gracefully_and_runs_again(slurm_cluster):
     name = f"pre-{uuid.uuid4().hex[:6]}"
-    proc = hpcfed("submit", "client", "--site", "local", "--gpus", "4", "--partition", "preemptable",
-                  "--name", name, "--command", ROLE, "--json", user=slurm_cluster.user)
+    proc = hpcfed(
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "4",
+        "--partition",
+        "preemptable",
+        "--name",
+        name,
+        "--command",
+        ROLE,
+        "--json",
+        user=slurm_cluster.user,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     high = None
@@ -44,14 +58,29 @@ def test_preempted_client_stops_gracefully_and_runs_again(slurm_cluster):
         assert node.startswith("node")
 
         # A high-priority job that needs exactly what the client holds.
-        res = run(["sbatch", "--parsable", "--partition=high", f"--nodelist={node}",
-                   "--gres=gpu:a40:4", f"--account={slurm_cluster.account}", "--output=/dev/null",
-                   "--wrap", "sleep 5"])
+        res = run(
+            [
+                "sbatch",
+                "--parsable",
+                "--partition=high",
+                f"--nodelist={node}",
+                "--gres=gpu:a40:4",
+                f"--account={slurm_cluster.account}",
+                "--output=/dev/null",
+                "--wrap",
+                "sleep 5",
+            ]
+        )
         assert res.returncode == 0, res.stderr
         high = res.stdout.strip()
 
-        log = wait_log(slurm_cluster, name, lambda l: l.count("\nrole-started") >= 2, 150,
-                       "the role running again")
+        log = wait_log(
+            slurm_cluster,
+            name,
+            lambda l: l.count("\nrole-started") >= 2,
+            150,
+            "the role running again",
+        )
         first, again = log.split("restart 1", 1)
         # stopped gracefully, before the restart
         assert "received SIGUSR2: preemption or time limit ahead (preemption)" in first
@@ -59,8 +88,12 @@ def test_preempted_client_stops_gracefully_and_runs_again(slurm_cluster):
         assert "requeued job" in first or "DUE TO PREEMPTION" in first
         assert "\nrole-started" in again
 
-        dep = json.loads(hpcfed("status", name, "--json", user=slurm_cluster.user).stdout)["deployments"][0]
-        assert dep["job_id"] == job_id and dep["job_state"] == "RUNNING"  # same job, no resubmission
+        dep = json.loads(hpcfed("status", name, "--json", user=slurm_cluster.user).stdout)[
+            "deployments"
+        ][0]
+        assert (
+            dep["job_id"] == job_id and dep["job_state"] == "RUNNING"
+        )  # same job, no resubmission
         events = [e["event"] for e in dep["events"]]
         assert events.index("role-stopped") < events.index("running-again"), events
         running_again = [e for e in dep["events"] if e["event"] == "running-again"][0]

@@ -1,6 +1,7 @@
 """`hpcfed rejoin` and `hpcfed cron`: a deployment lost in a way Slurm does not requeue comes back
 exactly once - also with twenty rejoins at the same moment -, never on an unknown scheduler
 answer, never after `hpcfed cancel`; the cron entry is installed once however often asked."""
+
 from __future__ import annotations
 
 import json
@@ -13,35 +14,52 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import HPCFED, hpcfed, need, run
-from hpcfed.rejoin import decide
+
 from hpcfed.rejoin import cron as c
+from hpcfed.rejoin import decide
 from hpcfed.scheduler import GONE, UNKNOWN, JobInfo
 from hpcfed.state import Deployment
 from hpcfed.state.store import now as stamp
 
-
 # ---- the decision table (pure) ----
 
+
 def dep(jobs=None, stopped=False, policy=None):
-    return Deployment(name="d", deployment_id="x", site="local", role="client", framework="nvflare",
-                      plan={"rejoin": policy or {"backoff": 30, "max_backoff": 300,
-                                                 "max_resubmits": 3, "window": 3600}},
-                      jobs=jobs if jobs is not None else [{"job_id": "10", "submitted_at": stamp()}],
-                      stopped=stopped)
+    return Deployment(
+        name="d",
+        deployment_id="x",
+        site="local",
+        role="client",
+        framework="nvflare",
+        plan={
+            "rejoin": policy
+            or {"backoff": 30, "max_backoff": 300, "max_resubmits": 3, "window": 3600}
+        },
+        jobs=jobs if jobs is not None else [{"job_id": "10", "submitted_at": stamp()}],
+        stopped=stopped,
+    )
 
 
-@pytest.mark.parametrize("state", ["PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", GONE])
+@pytest.mark.parametrize(
+    "state", ["PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", GONE]
+)
 def test_lost_jobs_are_resubmitted(state):
     assert decide(dep(), JobInfo("10", state), time.time())[0] == "resubmit"
 
 
-@pytest.mark.parametrize("state,action", [
-    ("RUNNING", "ok"), ("PENDING", "ok"), ("REQUEUED", "ok"),
-    ("COMPLETED", "ended"), ("FAILED", "ended"), ("OUT_OF_MEMORY", "ended"),
-    (UNKNOWN, "unknown"),
-])
+@pytest.mark.parametrize(
+    "state,action",
+    [
+        ("RUNNING", "ok"),
+        ("PENDING", "ok"),
+        ("REQUEUED", "ok"),
+        ("COMPLETED", "ended"),
+        ("FAILED", "ended"),
+        ("OUT_OF_MEMORY", "ended"),
+        (UNKNOWN, "unknown"),
+    ],
+)
 def test_other_states_are_not_resubmitted(state, action):
     assert decide(dep(), JobInfo("10", state), time.time())[0] == action
 
@@ -53,12 +71,21 @@ def test_stopped_on_purpose_is_left_alone_whatever_the_state():
 def test_backoff_doubles_and_the_cap_holds():
     t = time.time()
     s = lambda dt: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t - dt))  # noqa: E731
-    one = dep([{"job_id": "10", "submitted_at": s(100)}, {"job_id": "11", "submitted_at": s(10), "by": "rejoin"}])
+    one = dep(
+        [
+            {"job_id": "10", "submitted_at": s(100)},
+            {"job_id": "11", "submitted_at": s(10), "by": "rejoin"},
+        ]
+    )
     action, why = decide(one, JobInfo("11", "TIMEOUT"), t)
     assert action == "backoff" and "backoff 30s" in why
     assert decide(one, JobInfo("11", "TIMEOUT"), t + 25)[0] == "resubmit"
-    two = dep([{"job_id": "11", "submitted_at": s(200), "by": "rejoin"},
-               {"job_id": "12", "submitted_at": s(40), "by": "rejoin"}])
+    two = dep(
+        [
+            {"job_id": "11", "submitted_at": s(200), "by": "rejoin"},
+            {"job_id": "12", "submitted_at": s(40), "by": "rejoin"},
+        ]
+    )
     assert decide(two, JobInfo("12", "TIMEOUT"), t)[1].endswith("(backoff 60s)")
     three = dep([{"job_id": str(i), "submitted_at": s(1000 - i), "by": "rejoin"} for i in range(3)])
     assert decide(three, JobInfo("2", "TIMEOUT"), t)[0] == "gave-up"
@@ -79,6 +106,7 @@ def test_cron_block_is_replaced_not_duplicated():
 
 # ---- against the real cluster ----
 
+
 @pytest.fixture()
 def user_state(slurm_cluster):
     """An own state directory for the cluster user: rejoin must see only this test's deployments."""
@@ -94,15 +122,35 @@ def as_user(cluster, env, *args, timeout=120):
 
 def submit_sleeper(cluster, env):
     name = f"rj-{uuid.uuid4().hex[:6]}"
-    proc = as_user(cluster, env, "submit", "client", "--site", "local", "--gpus", "0", "--name", name,
-                   "--command", "sleep 600", "--json")
+    proc = as_user(
+        cluster,
+        env,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        "sleep 600",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     return name, json.loads(proc.stdout)["job_id"]
 
 
 def our_active_jobs(name):
-    out = run(["squeue", "--noheader", f"--name=hpcfed-{name}", "--states=PENDING,RUNNING,CONFIGURING",
-               "--format=%i"]).stdout
+    out = run(
+        [
+            "squeue",
+            "--noheader",
+            f"--name=hpcfed-{name}",
+            "--states=PENDING,RUNNING,CONFIGURING",
+            "--format=%i",
+        ]
+    ).stdout
     return sorted(out.split())
 
 
@@ -110,8 +158,16 @@ def admin_cancel(job_id):
     """Cancelled by someone else with rights (root): Slurm does not requeue it."""
     assert run(["scancel", job_id]).returncode == 0
     deadline = time.monotonic() + 30
-    while run(["squeue", "--noheader", "-j", job_id, "--states=PENDING,RUNNING,COMPLETING,CONFIGURING",
-               "--format=%i"]).stdout.strip():
+    while run(
+        [
+            "squeue",
+            "--noheader",
+            "-j",
+            job_id,
+            "--states=PENDING,RUNNING,COMPLETING,CONFIGURING",
+            "--format=%i",
+        ]
+    ).stdout.strip():
         assert time.monotonic() < deadline
         time.sleep(0.3)
 
@@ -126,9 +182,16 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
 
     pw = pwd.getpwnam(slurm_cluster.user)
     env.update(HOME=pw.pw_dir, USER=pw.pw_name)
-    procs = [subprocess.Popen(["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(20)]
+    procs = [
+        subprocess.Popen(
+            ["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(20)
+    ]
     results = [(p.wait(timeout=180), p.stdout.read(), p.stderr.read()) for p in procs]
     assert all(code == 0 for code, _, _ in results), [r for r in results if r[0]]
     actions = [json.loads(out)["deployments"][0]["action"] for _, out, _ in results]
@@ -136,7 +199,9 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
     assert set(actions) <= {"resubmitted", "busy", "ok", "backoff"}, actions
     new_jobs = our_active_jobs(name)
     assert len(new_jobs) == 1 and new_jobs[0] != job_id
-    status = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    status = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)[
+        "deployments"
+    ][0]
     assert [j["job_id"] for j in status["jobs"]] == [job_id, new_jobs[0]]
     assert any(e["event"] == "resubmitted" and "CANCELLED" in e["detail"] for e in status["events"])
 
@@ -147,15 +212,32 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
     assert our_active_jobs(name) == []
 
     # `submit` of the same name resumes the same deployment (and rejoin looks after it again)
-    before = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    before = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)[
+        "deployments"
+    ][0]
     record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
     first_id = json.loads(record.read_text())["deployment_id"]
-    proc = as_user(slurm_cluster, user_state, "submit", "client", "--site", "local", "--gpus", "0",
-                   "--name", name, "--command", "sleep 600", "--json")
+    proc = as_user(
+        slurm_cluster,
+        user_state,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        "sleep 600",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     resumed = json.loads(proc.stdout)
     assert resumed["deployment_id"] == first_id
-    after = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)["deployments"][0]
+    after = json.loads(as_user(slurm_cluster, user_state, "status", name, "--json").stdout)[
+        "deployments"
+    ][0]
     assert after["stopped"] is False and len(after["jobs"]) == len(before["jobs"]) + 1
     assert as_user(slurm_cluster, user_state, "cancel", name).returncode == 0
 
@@ -209,12 +291,17 @@ def test_dry_run_says_and_submits_nothing(slurm_cluster, user_state):
 @pytest.mark.slurm
 @pytest.mark.timeout(60)
 def test_cron_install_twice_leaves_one_entry(slurm_cluster, user_state):
-    need(shutil.which("crontab") is not None, "crontab not installed (scripts/bootstrap.d/46-cron.sh)")
+    need(
+        shutil.which("crontab") is not None,
+        "crontab not installed (scripts/bootstrap.d/46-cron.sh)",
+    )
     user = slurm_cluster.user
     before = run(["crontab", "-l"], user=user).stdout
     try:
         for every in ("10m", "5m"):
-            proc = as_user(slurm_cluster, user_state, "cron", "install", "--every", every, "--crontab")
+            proc = as_user(
+                slurm_cluster, user_state, "cron", "install", "--every", every, "--crontab"
+            )
             assert proc.returncode == 0, proc.stderr
         table = run(["crontab", "-l"], user=user).stdout
         assert table.count("rejoin --log-file") == 1 and "*/5 * * * *" in table
@@ -232,18 +319,38 @@ def test_cron_install_twice_leaves_one_entry(slurm_cluster, user_state):
 def test_time_limit_without_requeue_is_resubmitted_by_rejoin(slurm_cluster, user_state):
     """A site without requeue: the warning stops the role, the job then hits its time limit
     (TIMEOUT, not COMPLETED), and one rejoin brings the deployment back."""
-    env = dict(user_state, HPCFED_SITE__PREEMPTION__REQUEUE="false",
-               HPCFED_SITE__PREEMPTION__LEAD_TIME="30s")
+    env = dict(
+        user_state,
+        HPCFED_SITE__PREEMPTION__REQUEUE="false",
+        HPCFED_SITE__PREEMPTION__LEAD_TIME="30s",
+    )
     name = f"rj-time-{uuid.uuid4().hex[:6]}"
     role = 'trap "echo role got TERM; exit 0" TERM; echo role-started; while :; do sleep 0.1; done'
-    proc = as_user(slurm_cluster, env, "submit", "client", "--site", "local", "--gpus", "0",
-                   "--name", name, "--time", "1m", "--command", role, "--json")
+    proc = as_user(
+        slurm_cluster,
+        env,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--time",
+        "1m",
+        "--command",
+        role,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     try:
         deadline = time.monotonic() + 200
         while True:
-            state = run(["squeue", "--noheader", "-j", job_id, "--states=all", "--format=%T"]).stdout.strip()
+            state = run(
+                ["squeue", "--noheader", "-j", job_id, "--states=all", "--format=%T"]
+            ).stdout.strip()
             if state in ("TIMEOUT", "COMPLETED", "FAILED", "CANCELLED"):
                 break
             assert time.monotonic() < deadline, state
@@ -266,8 +373,21 @@ def test_no_record_but_the_role_exited_by_itself_is_not_resubmitted(slurm_cluste
     """Without accounting a finished job vanishes from squeue after MinJobAge: rejoin then reads
     the job's own exit report instead of resubmitting a role that ended normally."""
     name = f"rj-done-{uuid.uuid4().hex[:6]}"
-    proc = as_user(slurm_cluster, user_state, "submit", "client", "--site", "local", "--gpus", "0",
-                   "--name", name, "--command", "echo done", "--json")
+    proc = as_user(
+        slurm_cluster,
+        user_state,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        "echo done",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     report = Path(f"/home/{slurm_cluster.user}/hpcfed/{name}/status-{job_id}.json")
@@ -281,11 +401,15 @@ def test_no_record_but_the_role_exited_by_itself_is_not_resubmitted(slurm_cluste
     data["jobs"][-1]["job_id"] = "999999"
     record.write_text(json.dumps(data))
     report.rename(report.with_name("status-999999.json"))
-    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][0]
+    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][
+        0
+    ]
     assert out["action"] == "ended" and "exited by itself" in out["detail"], out
     assert our_active_jobs(name) == []
     # and without that report the same answer means lost: resubmitted
     report.with_name("status-999999.json").unlink()
-    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][0]
+    out = json.loads(as_user(slurm_cluster, user_state, "rejoin", "--json").stdout)["deployments"][
+        0
+    ]
     assert out["action"] == "resubmitted" and "GONE" in out["detail"], out
     as_user(slurm_cluster, user_state, "cancel", name)

@@ -1,5 +1,6 @@
 """The Slurm CLI backend's parsers on canned (and malformed) output, the backend against the
 real cluster, and the deployment store under concurrent writers (as from two login nodes)."""
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,12 @@ def test_parse_squeue_including_malformed_lines():
 
 
 def test_parse_sacct_last_record_wins_and_states_are_normalised():
-    out = ("20|REQUEUED|None|hpcfed-a|node1|00:01:00|0:0\n"
-           "20|CANCELLED by 0|None|hpcfed-a|node2|00:00:30|0:15\n"
-           "21|PREEMPTED|None|hpcfed-b|None assigned|00:00:00|0:0\n"
-           "bad line\n")
+    out = (
+        "20|REQUEUED|None|hpcfed-a|node1|00:01:00|0:0\n"
+        "20|CANCELLED by 0|None|hpcfed-a|node2|00:00:30|0:15\n"
+        "21|PREEMPTED|None|hpcfed-b|None assigned|00:00:00|0:0\n"
+        "bad line\n"
+    )
     jobs = sc.parse_sacct(out)
     assert jobs["20"].state == "CANCELLED" and jobs["20"].node == "node2" and not jobs["20"].active
     assert jobs["21"].node == ""
@@ -52,7 +55,9 @@ def test_parse_find_matches_the_comment_marker_only():
 
 
 def test_unreachable_patterns():
-    assert sc.UNREACHABLE.search("slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+    assert sc.UNREACHABLE.search(
+        "slurm_load_jobs error: Unable to contact slurm controller (connect failure)"
+    )
     assert not sc.UNREACHABLE.search("slurm_load_jobs error: Invalid job id specified")
 
 
@@ -83,8 +88,16 @@ def _append_event(args):
 def test_store_survives_concurrent_read_modify_write(tmp_path):
     """20 processes (think: several login nodes) updating one deployment lose no update."""
     store = DeploymentStore(tmp_path / "deployments")
-    store.put(Deployment(name="shared", deployment_id="x", site="local", role="client",
-                         framework="nvflare", plan={}))
+    store.put(
+        Deployment(
+            name="shared",
+            deployment_id="x",
+            site="local",
+            role="client",
+            framework="nvflare",
+            plan={},
+        )
+    )
     with multiprocessing.get_context("fork").Pool(8) as pool:
         pool.map(_append_event, [(tmp_path / "deployments", i) for i in range(20)])
     dep = store.require("shared")

@@ -1,6 +1,7 @@
 """Submitting from a "laptop" over SSH (paramiko) to a real OpenSSH server on loopback whose
 user submits to the real Slurm test cluster: submit, poll, fetch logs, cancel - and host keys
 are checked, never accepted blindly."""
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcfed, need, run
 
 pytestmark = [pytest.mark.sshd, pytest.mark.slurm]
@@ -39,7 +39,8 @@ def sshd(slurm_cluster):
     shutil.copy(d / "client_key.pub", d / "authorized_keys")
     os.chmod(d / "authorized_keys", 0o644)
     port = free_port()
-    (d / "sshd_config").write_text(textwrap.dedent(f"""\
+    (d / "sshd_config").write_text(
+        textwrap.dedent(f"""\
         Port {port}
         ListenAddress 127.0.0.1
         HostKey {d}/host_key
@@ -53,10 +54,13 @@ def sshd(slurm_cluster):
         AllowUsers {slurm_cluster.user}
         Subsystem sftp internal-sftp
         LogLevel VERBOSE
-        """))
+        """)
+    )
     os.makedirs("/run/sshd", exist_ok=True)
     log = open(d / "sshd.log", "w")
-    proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=log
+    )
     deadline = time.monotonic() + 10
     while True:
         try:
@@ -82,17 +86,19 @@ def laptop(sshd, tmp_path, slurm_cluster):
     sites.mkdir(parents=True)
 
     def site(name, known_hosts):
-        (sites / f"{name}.yaml").write_text(textwrap.dedent(f"""\
+        (sites / f"{name}.yaml").write_text(
+            textwrap.dedent(f"""\
             extends: local
             scheduler:
               connect: ssh
               ssh:
                 host: 127.0.0.1
-                port: {sshd['port']}
+                port: {sshd["port"]}
                 user: {slurm_cluster.user}
-                key: {sshd['dir']}/client_key
+                key: {sshd["dir"]}/client_key
                 known_hosts: {known_hosts}
-            """))
+            """)
+        )
 
     site("viassh", sshd["dir"] / "known_hosts")
     empty = tmp_path / "empty_known_hosts"
@@ -110,8 +116,20 @@ def laptop(sshd, tmp_path, slurm_cluster):
 def test_submit_poll_logs_cancel_over_ssh(laptop, slurm_cluster):
     name = f"ssh-{uuid.uuid4().hex[:6]}"
     cmd = 'echo "GPUS=$CUDA_VISIBLE_DEVICES USER=$(id -un)"; sleep 300'
-    proc = hpcfed("submit", "client", "--site", "viassh", "--gpus", "2", "--name", name,
-                  "--command", cmd, "--json", env=laptop)
+    proc = hpcfed(
+        "submit",
+        "client",
+        "--site",
+        "viassh",
+        "--gpus",
+        "2",
+        "--name",
+        name,
+        "--command",
+        cmd,
+        "--json",
+        env=laptop,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     assert "127.0.0.1" in proc.stderr  # progress says where it went
@@ -153,16 +171,33 @@ def test_submit_poll_logs_cancel_over_ssh(laptop, slurm_cluster):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("site,message", [
-    ("unknownhost", "unknown host key"),
-    ("wronghost", "host key does NOT match"),
-])
+@pytest.mark.parametrize(
+    "site,message",
+    [
+        ("unknownhost", "unknown host key"),
+        ("wronghost", "host key does NOT match"),
+    ],
+)
 def test_host_keys_are_checked(laptop, site, message):
     name = f"hk-{uuid.uuid4().hex[:6]}"
-    proc = hpcfed("submit", "client", "--site", site, "--gpus", "0", "--name", name,
-                  "--command", "true", env=laptop)
+    proc = hpcfed(
+        "submit",
+        "client",
+        "--site",
+        site,
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        "true",
+        env=laptop,
+    )
     assert proc.returncode == 7, proc.stderr
     assert message in proc.stderr.strip().splitlines()[-1] and "Traceback" not in proc.stderr
     # nothing submitted (other tests may be submitting their own jobs meanwhile)
-    assert run(["squeue", "--noheader", "--states=all", f"--name=hpcfed-{name}", "--format=%i"]).stdout == ""
+    assert (
+        run(["squeue", "--noheader", "--states=all", f"--name=hpcfed-{name}", "--format=%i"]).stdout
+        == ""
+    )
     assert hpcfed("status", name, env=laptop).returncode == 8  # nothing recorded

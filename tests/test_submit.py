@@ -1,5 +1,6 @@
 """`hpcfed submit | status | logs | cancel` against the real local Slurm cluster, as a
 non-root user: the job really runs with the GPUs it asked for, in every GPU dialect."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcfed, run
 
 pytestmark = pytest.mark.slurm
@@ -53,8 +53,20 @@ def read_log(cluster, name, needle, timeout=30, env=None):
 def test_submit_status_logs_cancel_with_two_gpus(slurm_cluster):
     name = unique("two-gpus")
     cmd = 'echo "GPUS=$CUDA_VISIBLE_DEVICES ON_NODE=$SLURM_GPUS_ON_NODE"; sleep 300'
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "2",
-                   "--name", name, "--command", cmd, "--json")
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "2",
+        "--name",
+        name,
+        "--command",
+        cmd,
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     submitted = json.loads(proc.stdout)
     job_id = submitted["job_id"]
@@ -65,8 +77,10 @@ def test_submit_status_logs_cancel_with_two_gpus(slurm_cluster):
 
     # The table form lists it too.
     table = as_user(slurm_cluster, "status").stdout
-    assert any(line.split()[:5] == [name, "local", "client", job_id, "RUNNING"]
-               for line in table.splitlines()), table
+    assert any(
+        line.split()[:5] == [name, "local", "client", job_id, "RUNNING"]
+        for line in table.splitlines()
+    ), table
 
     # The role really sees two GPUs Slurm assigned.
     log = read_log(slurm_cluster, name, "GPUS=")
@@ -90,16 +104,35 @@ def test_submit_status_logs_cancel_with_two_gpus(slurm_cluster):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("dialect,env,gpu_line", [
-    ("untyped-gres", {"HPCFED_SITE__GPUS__DEFAULT_TYPE": "null"}, "#SBATCH --gres=gpu:2\n"),
-    ("gpus", {"HPCFED_SITE__GPUS__DIALECT": "gpus"}, "#SBATCH --gpus=a40:2\n"),
-    ("gpus-per-node", {"HPCFED_SITE__GPUS__DIALECT": "gpus-per-node",
-                       "HPCFED_SITE__GPUS__DEFAULT_TYPE": "null"}, "#SBATCH --gpus-per-node=2\n"),
-])
+@pytest.mark.parametrize(
+    "dialect,env,gpu_line",
+    [
+        ("untyped-gres", {"HPCFED_SITE__GPUS__DEFAULT_TYPE": "null"}, "#SBATCH --gres=gpu:2\n"),
+        ("gpus", {"HPCFED_SITE__GPUS__DIALECT": "gpus"}, "#SBATCH --gpus=a40:2\n"),
+        (
+            "gpus-per-node",
+            {
+                "HPCFED_SITE__GPUS__DIALECT": "gpus-per-node",
+                "HPCFED_SITE__GPUS__DEFAULT_TYPE": "null",
+            },
+            "#SBATCH --gpus-per-node=2\n",
+        ),
+    ],
+)
 def test_gpu_dialects_render_and_run(slurm_cluster, dialect, env, gpu_line):
     name = unique(dialect)
-    args = ["submit", "client", "--site", "local", "--gpus", "2", "--name", name,
-            "--command", 'echo "GPUS=$CUDA_VISIBLE_DEVICES"']
+    args = [
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "2",
+        "--name",
+        name,
+        "--command",
+        'echo "GPUS=$CUDA_VISIBLE_DEVICES"',
+    ]
     dry = as_user(slurm_cluster, *args, "--dry-run", env=env)
     assert dry.returncode == 0 and gpu_line in dry.stdout, dry.stdout
     proc = as_user(slurm_cluster, *args, env=env)
@@ -115,12 +148,28 @@ def test_gpu_dialects_render_and_run(slurm_cluster, dialect, env, gpu_line):
 @pytest.mark.timeout(120)
 def test_dry_run_touches_nothing(slurm_cluster):
     name = unique("dry")
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "1",
-                   "--name", name, "--command", "true", "--dry-run", "--json")
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "1",
+        "--name",
+        name,
+        "--command",
+        "true",
+        "--dry-run",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["plan"]["name"] == name and out["script"].startswith("#!/bin/bash")
-    assert run(["squeue", "--noheader", "--states=all", f"--name=hpcfed-{name}", "--format=%i"]).stdout == ""
+    assert (
+        run(["squeue", "--noheader", "--states=all", f"--name=hpcfed-{name}", "--format=%i"]).stdout
+        == ""
+    )
     assert as_user(slurm_cluster, "status", name).returncode == 8  # no such deployment
     assert not os.path.exists(f"/home/{slurm_cluster.user}/hpcfed/{name}")
 
@@ -128,11 +177,26 @@ def test_dry_run_touches_nothing(slurm_cluster):
 @pytest.mark.timeout(120)
 def test_rejected_submission_is_one_line_and_not_recorded(slurm_cluster):
     name = unique("rejected")
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "1",
-                   "--name", name, "--command", "true", "--partition", "nosuchpart")
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "1",
+        "--name",
+        name,
+        "--command",
+        "true",
+        "--partition",
+        "nosuchpart",
+    )
     assert proc.returncode == 5, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("hpcfed: error: sbatch on local:") and "partition" in lines[-1].lower()
+    assert (
+        lines[-1].startswith("hpcfed: error: sbatch on local:") and "partition" in lines[-1].lower()
+    )
     assert "Traceback" not in proc.stderr
     assert as_user(slurm_cluster, "status", name).returncode == 8
 
@@ -150,19 +214,44 @@ def test_unreachable_scheduler_is_unknown_never_gone(slurm_cluster):
     (dead / "slurm.conf").write_text(conf)
     shutil.copy(os.path.join(etc, "gres.conf"), dead / "gres.conf")
     os.chmod(dead, 0o755)
-    env = {"HPCFED_SITE__SCHEDULER__ENV__SLURM_CONF": str(dead / "slurm.conf"),
-           "HPCFED_SITE__SCHEDULER__TIMEOUT": "60"}
+    env = {
+        "HPCFED_SITE__SCHEDULER__ENV__SLURM_CONF": str(dead / "slurm.conf"),
+        "HPCFED_SITE__SCHEDULER__TIMEOUT": "60",
+    }
 
     name = unique("unreachable")
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--name", name,
-                   "--gpus", "0", "--command", "sleep 120", env=env)
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--name",
+        name,
+        "--gpus",
+        "0",
+        "--command",
+        "sleep 120",
+        env=env,
+    )
     assert proc.returncode == 4, proc.stderr
     assert "Unable to contact slurm controller" in proc.stderr
     assert as_user(slurm_cluster, "status", name).returncode == 8  # nothing recorded
 
     # A real job, then the controller "goes away" for the record's scheduler settings.
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--name", name,
-                   "--gpus", "0", "--command", "sleep 120")
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--name",
+        name,
+        "--gpus",
+        "0",
+        "--command",
+        "sleep 120",
+    )
     assert proc.returncode == 0, proc.stderr
     state_file = f"/home/{slurm_cluster.user}/.local/state/hpcfed/deployments/{name}.json"
     record = json.load(open(state_file))
@@ -184,8 +273,19 @@ def test_unreachable_scheduler_is_unknown_never_gone(slurm_cluster):
 def test_status_polls_all_deployments_in_one_call(slurm_cluster):
     names = [unique("batch") for _ in range(3)]
     for name in names:
-        proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "0",
-                       "--name", name, "--command", "sleep 60")
+        proc = as_user(
+            slurm_cluster,
+            "submit",
+            "client",
+            "--site",
+            "local",
+            "--gpus",
+            "0",
+            "--name",
+            name,
+            "--command",
+            "sleep 60",
+        )
         assert proc.returncode == 0, proc.stderr
     proc = as_user(slurm_cluster, "status", *names, "--json")
     assert proc.returncode == 0, proc.stderr
@@ -193,8 +293,19 @@ def test_status_polls_all_deployments_in_one_call(slurm_cluster):
     assert data["scheduler_calls"] == 1  # one squeue for all three, none missing
     assert {d["job_state"] for d in data["deployments"]} <= {"PENDING", "RUNNING", "CONFIGURING"}
     # a second submit of a live name is refused; nothing new is queued
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "0",
-                   "--name", names[0], "--command", "sleep 60")
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        names[0],
+        "--command",
+        "sleep 60",
+    )
     assert proc.returncode == 3 and "already has job" in proc.stderr
     for name in names:
         assert as_user(slurm_cluster, "cancel", name).returncode == 0
@@ -204,8 +315,19 @@ def test_status_polls_all_deployments_in_one_call(slurm_cluster):
 def test_logs_follow_prints_until_the_job_ends(slurm_cluster):
     name = unique("follow")
     cmd = "for i in 1 2 3; do echo tick-$i; sleep 1; done; echo last-line"
-    proc = as_user(slurm_cluster, "submit", "client", "--site", "local", "--gpus", "0",
-                   "--name", name, "--command", cmd)
+    proc = as_user(
+        slurm_cluster,
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        cmd,
+    )
     assert proc.returncode == 0, proc.stderr
     proc = as_user(slurm_cluster, "logs", name, "--follow", timeout=90)
     assert proc.returncode == 0, proc.stderr
@@ -220,8 +342,16 @@ def test_doctor_checks_the_site_and_says_what_to_fix(slurm_cluster):
     proc = as_user(slurm_cluster, "doctor", "--site", "local", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     checks = {r["check"]: r for r in json.loads(proc.stdout)}
-    for check in ("profile", "scheduler", "accounting", "partition default", "partition preemptable",
-                  "gpus", "apptainer", "hpcfed on cluster"):
+    for check in (
+        "profile",
+        "scheduler",
+        "accounting",
+        "partition default",
+        "partition preemptable",
+        "gpus",
+        "apptainer",
+        "hpcfed on cluster",
+    ):
         assert checks[check]["ok"], checks[check]
 
     import tempfile
@@ -229,14 +359,20 @@ def test_doctor_checks_the_site_and_says_what_to_fix(slurm_cluster):
     top = Path(tempfile.mkdtemp(prefix="hpcfed-doctor-"))  # readable by the cluster user
     cfg = top / "hpcfed" / "sites"
     cfg.mkdir(parents=True)
-    (cfg / "wrongpart.yaml").write_text("extends: local\npartitions: {default: nosuch}\ngpus: {types: [a40, h100]}\n")
+    (cfg / "wrongpart.yaml").write_text(
+        "extends: local\npartitions: {default: nosuch}\ngpus: {types: [a40, h100]}\n"
+    )
     for d in (top, top / "hpcfed", cfg):
         os.chmod(d, 0o755)
     try:
-        proc = as_user(slurm_cluster, "doctor", "--site", "wrongpart", env={"XDG_CONFIG_HOME": str(top)})
+        proc = as_user(
+            slurm_cluster, "doctor", "--site", "wrongpart", env={"XDG_CONFIG_HOME": str(top)}
+        )
     finally:
         shutil.rmtree(top, ignore_errors=True)
     assert proc.returncode == 7, proc.stdout + proc.stderr
     fails = [l for l in proc.stdout.splitlines() if " FAIL " in l]
-    assert any("partition default" in l and "nosuch" in l and "partitions.default" in l for l in fails), proc.stdout
+    assert any(
+        "partition default" in l and "nosuch" in l and "partitions.default" in l for l in fails
+    ), proc.stdout
     assert any("gpus" in l and "h100" in l for l in fails), proc.stdout

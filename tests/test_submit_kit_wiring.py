@@ -1,12 +1,12 @@
 """`hpcfed submit` uses the site's pulled kit: its path, its server name for the container's
 /etc/hosts behind the tunnel, and its GPU capacity — against kits from a REAL NVFlare dashboard."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-
 from helpers import hpcfed, need
 
 pytest.importorskip("nvflare", reason="needs the nvflare extra (pip install hpcfed[nvflare])")
@@ -35,15 +35,30 @@ def dashboard():
 @pytest.fixture(scope="module")
 def user_env(dashboard, tmp_path_factory):
     home = tmp_path_factory.mktemp("wiring")
-    env = {"XDG_DATA_HOME": str(home / "data"), "XDG_CONFIG_HOME": str(home / "config"),
-           "XDG_STATE_HOME": str(home / "state")}
+    env = {
+        "XDG_DATA_HOME": str(home / "data"),
+        "XDG_CONFIG_HOME": str(home / "config"),
+        "XDG_STATE_HOME": str(home / "state"),
+    }
     for role, site, email, password in (
         ("client", "hospital-a", ALICE, dashboard.users[ALICE]),
         ("server", "fl-server", "admin@fed.test", dashboard.admin_password),
     ):
-        proc = hpcfed("kit", "pull", "--dashboard", dashboard.url, "--user", email, "--role", role,
-                      "--site", site, "--as", "local",
-                      env=dict(env, HPCFED_DASHBOARD_PASSWORD=password))
+        proc = hpcfed(
+            "kit",
+            "pull",
+            "--dashboard",
+            dashboard.url,
+            "--user",
+            email,
+            "--role",
+            role,
+            "--site",
+            site,
+            "--as",
+            "local",
+            env=dict(env, HPCFED_DASHBOARD_PASSWORD=password),
+        )
         assert proc.returncode == 0, proc.stderr
     conf = home / "peer.conf"
     conf.write_text("[Interface]\n")  # only its path goes into the plan on --dry-run
@@ -53,14 +68,25 @@ def user_env(dashboard, tmp_path_factory):
 
 
 def _dry_plan(env, *args):
-    proc = hpcfed("submit", *args, "--site", "local", "--tunnel-config", env["CONF"],
-                  "--dry-run", "--json", env=env)
+    proc = hpcfed(
+        "submit",
+        *args,
+        "--site",
+        "local",
+        "--tunnel-config",
+        env["CONF"],
+        "--dry-run",
+        "--json",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
 
 def test_client_uses_the_sites_kit_and_maps_the_server_name_to_its_forward(user_env):
-    plan = _dry_plan(user_env, "client", "--gpus", "2", "-L", f"127.0.11.1:{PORT}=10.220.0.2:{PORT}")["plan"]
+    plan = _dry_plan(
+        user_env, "client", "--gpus", "2", "-L", f"127.0.11.1:{PORT}=10.220.0.2:{PORT}"
+    )["plan"]
     kits = json.loads(hpcfed("kit", "list", "--json", env=user_env).stdout)
     client_kit = next(k for k in kits if k["role"] == "client")
     assert plan["kit"] == client_kit["path"]
@@ -75,7 +101,9 @@ def test_server_name_maps_to_where_its_remote_forward_delivers(user_env):
 
 
 def test_kit_declaring_more_gpus_than_the_job_is_refused_before_submitting(user_env):
-    proc = hpcfed("submit", "client", "--site", "local", "--gpus", "1", env=user_env)  # a real submit
+    proc = hpcfed(
+        "submit", "client", "--site", "local", "--gpus", "1", env=user_env
+    )  # a real submit
     assert proc.returncode == 6
     assert "declares 2 GPU(s)" in proc.stderr and "--gpus 2" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -1,21 +1,24 @@
 """The in-job supervisor: it starts the role, stops it gracefully on the warning signal (TERM,
 then KILL after the grace time), and reports the role's exit - as a process here and inside a
 real Slurm job signalled through the scheduler."""
+
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-import sys
 import time
 import uuid
 
 import pytest
-
 from helpers import HPCFED, hpcfed, run
 
-ROLE_GRACEFUL = 'trap \'echo "role got TERM"; exit 0\' TERM; echo role-started; while :; do sleep 0.1; done'
-ROLE_STUBBORN = 'trap \'echo "role ignores TERM"\' TERM; echo role-started; while :; do sleep 0.1; done'
+ROLE_GRACEFUL = (
+    "trap 'echo \"role got TERM\"; exit 0' TERM; echo role-started; while :; do sleep 0.1; done"
+)
+ROLE_STUBBORN = (
+    "trap 'echo \"role ignores TERM\"' TERM; echo role-started; while :; do sleep 0.1; done"
+)
 
 
 def make_plan(tmp_path, command, grace="2s", requeue=True):
@@ -23,19 +26,35 @@ def make_plan(tmp_path, command, grace="2s", requeue=True):
     from hpcfed.plan import build_plan
     from hpcfed.profiles import load_site
 
-    site = load_site("local", environ={"HPCFED_SITE__PREEMPTION__GRACE": grace,
-                                       "HPCFED_SITE__PREEMPTION__REQUEUE": str(requeue).lower()})
-    plan = build_plan(site=site, role=role("nvflare", "client"), name="sup", deployment_id="d1",
-                      user="u", gpus=0, command=command)
+    site = load_site(
+        "local",
+        environ={
+            "HPCFED_SITE__PREEMPTION__GRACE": grace,
+            "HPCFED_SITE__PREEMPTION__REQUEUE": str(requeue).lower(),
+        },
+    )
+    plan = build_plan(
+        site=site,
+        role=role("nvflare", "client"),
+        name="sup",
+        deployment_id="d1",
+        user="u",
+        gpus=0,
+        command=command,
+    )
     path = tmp_path / "plan.json"
     path.write_text(plan.to_json())
     return path
 
 
 def start(plan_path, env=None):
-    return subprocess.Popen(HPCFED + ["job", "run", str(plan_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(__import__("os").environ, SLURM_JOB_ID="777", **(env or {})))
+    return subprocess.Popen(
+        HPCFED + ["job", "run", str(plan_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(__import__("os").environ, SLURM_JOB_ID="777", **(env or {})),
+    )
 
 
 def wait_started(proc):
@@ -97,8 +116,20 @@ def test_role_exit_code_becomes_the_job_exit_code(tmp_path):
 @pytest.mark.timeout(180)
 def test_warning_signal_through_slurm_reaches_the_supervisor(slurm_cluster):
     name = f"sig-{uuid.uuid4().hex[:6]}"
-    proc = hpcfed("submit", "client", "--site", "local", "--gpus", "0", "--name", name,
-                  "--command", ROLE_GRACEFUL, "--json", user=slurm_cluster.user)
+    proc = hpcfed(
+        "submit",
+        "client",
+        "--site",
+        "local",
+        "--gpus",
+        "0",
+        "--name",
+        name,
+        "--command",
+        ROLE_GRACEFUL,
+        "--json",
+        user=slurm_cluster.user,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = json.loads(proc.stdout)["job_id"]
     log = ""
@@ -123,4 +154,7 @@ def test_a_plan_it_cannot_read_is_one_line_not_a_traceback(tmp_path):
     bad.write_text('{"name": 1}')
     proc = hpcfed("job", "run", str(bad))
     assert proc.returncode == 3
-    assert proc.stderr.strip() == f"hpcfed: error: {bad}: not a plan this hpcfed can run (name: Input should be a valid string)"
+    assert (
+        proc.stderr.strip()
+        == f"hpcfed: error: {bad}: not a plan this hpcfed can run (name: Input should be a valid string)"
+    )

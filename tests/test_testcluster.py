@@ -1,16 +1,15 @@
 """The local test cluster against its real daemons: GPUs, users, preemption, lifecycle."""
+
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
 from helpers import hpcfed, run
 
 pytestmark = pytest.mark.slurm
@@ -56,8 +55,10 @@ def _job_field(cluster, job, field):
 @pytest.mark.timeout(120)
 def test_typed_gres_job_sees_two_gpus_as_the_submitting_user(slurm_cluster):
     job, workdir = _submit(
-        slurm_cluster, "--gres=gpu:a40:2",
-        "--wrap", "echo USER=$(id -un); echo CVD=$CUDA_VISIBLE_DEVICES; echo N=$SLURM_GPUS_ON_NODE",
+        slurm_cluster,
+        "--gres=gpu:a40:2",
+        "--wrap",
+        "echo USER=$(id -un); echo CVD=$CUDA_VISIBLE_DEVICES; echo N=$SLURM_GPUS_ON_NODE",
     )
     assert _wait_state(slurm_cluster, job, {"COMPLETED", "FAILED"}) == "COMPLETED"
     text = Path(workdir, f"slurm-{job}.out").read_text()
@@ -77,15 +78,23 @@ def test_untyped_gpu_dialects_schedule_too(slurm_cluster, request_flag):
 
 
 def test_more_gpus_than_a_node_has_is_refused_with_slurms_message(slurm_cluster):
-    proc = run(["sbatch", "--gres=gpu:a40:5", "--wrap", "true"], user=slurm_cluster.user,
-               env=slurm_cluster.env, cwd="/tmp")
+    proc = run(
+        ["sbatch", "--gres=gpu:a40:5", "--wrap", "true"],
+        user=slurm_cluster.user,
+        env=slurm_cluster.env,
+        cwd="/tmp",
+    )
     assert proc.returncode != 0
     assert "Requested node configuration is not available" in proc.stderr
 
 
 def test_unknown_gpu_type_is_refused(slurm_cluster):
-    proc = run(["sbatch", "--gres=gpu:h100:1", "--wrap", "true"], user=slurm_cluster.user,
-               env=slurm_cluster.env, cwd="/tmp")
+    proc = run(
+        ["sbatch", "--gres=gpu:h100:1", "--wrap", "true"],
+        user=slurm_cluster.user,
+        env=slurm_cluster.env,
+        cwd="/tmp",
+    )
     assert proc.returncode != 0
     assert "error" in proc.stderr.lower()
 
@@ -95,8 +104,9 @@ def test_accounting_records_jobs(slurm_cluster):
     _wait_state(slurm_cluster, job, {"COMPLETED"})
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        proc = run(["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State,User"],
-                   env=slurm_cluster.env)
+        proc = run(
+            ["sacct", "-j", job, "-X", "-n", "-P", "-o", "JobID,State,User"], env=slurm_cluster.env
+        )
         if proc.stdout.strip().endswith("|COMPLETED|" + slurm_cluster.user):
             break  # records arrive 1-3 s after the job ends, earlier states first
         time.sleep(1)
@@ -114,12 +124,33 @@ def test_low_priority_job_is_preempted_signalled_and_requeued(slurm_cluster):
     )
     workdir = _userdir(slurm_cluster.user)
     Path(workdir, "low.sh").write_text(script)
-    low, _ = _submit(slurm_cluster, "-p", "low", "-w", "node3", "--exclusive", "--requeue",
-                     "--signal=B:USR1@60", "--open-mode=append", "-o", "low.out", "low.sh",
-                     workdir=workdir)
+    low, _ = _submit(
+        slurm_cluster,
+        "-p",
+        "low",
+        "-w",
+        "node3",
+        "--exclusive",
+        "--requeue",
+        "--signal=B:USR1@60",
+        "--open-mode=append",
+        "-o",
+        "low.out",
+        "low.sh",
+        workdir=workdir,
+    )
     _wait_state(slurm_cluster, low, {"RUNNING"})
-    high, _ = _submit(slurm_cluster, "-p", "high", "-w", "node3", "--exclusive",
-                      "--wrap", "sleep 3", workdir=workdir)
+    high, _ = _submit(
+        slurm_cluster,
+        "-p",
+        "high",
+        "-w",
+        "node3",
+        "--exclusive",
+        "--wrap",
+        "sleep 3",
+        workdir=workdir,
+    )
     # The low job is requeued and, once the high job is done, runs again as a restart.
     deadline = time.monotonic() + 180
     out = ""
@@ -132,8 +163,9 @@ def test_low_priority_job_is_preempted_signalled_and_requeued(slurm_cluster):
     assert "START restart=1" in out, out
     assert "DUE TO PREEMPTION" in out
     assert _job_field(slurm_cluster, low, "Restarts") == "1"
-    sacct = run(["sacct", "-j", low, "-D", "-X", "-n", "-P", "-o", "State"],
-                env=slurm_cluster.env).stdout.split()
+    sacct = run(
+        ["sacct", "-j", low, "-D", "-X", "-n", "-P", "-o", "State"], env=slurm_cluster.env
+    ).stdout.split()
     assert "PREEMPTED" in sacct or "REQUEUED" in sacct, sacct
     run(["scancel", low, high], env=slurm_cluster.env)
 
@@ -151,8 +183,14 @@ def test_env_points_clients_at_the_cluster(slurm_cluster):
     assert proc.stdout.strip() == f"export SLURM_CONF={slurm_cluster.slurm_conf}"
     # A shell with no SLURM_CONF reaches the cluster after eval'ing that line.
     env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"}
-    shell = subprocess.run(["bash", "-c", 'eval "$(cat)"; sinfo -h -o %P'], input=proc.stdout,
-                           env=env, capture_output=True, text=True, timeout=30)
+    shell = subprocess.run(
+        ["bash", "-c", 'eval "$(cat)"; sinfo -h -o %P'],
+        input=proc.stdout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert "debug*" in shell.stdout.split()
 
 
@@ -214,7 +252,10 @@ def test_down_leaves_no_daemon_behind_and_up_restores(slurm_cluster):
     stopped = json.loads(proc.stdout)["stopped"]
     assert {"slurmctld", "slurmdbd", "mariadb", "slurmd-node1"} <= set(stopped)
     for pid in pids:
-        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        assert (
+            not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+        )
     assert _cluster_processes(slurm_cluster.prefix) == []
     # No live daemon of any kind (zombies left for PID 1 to reap do not count).
     ps = subprocess.run(["ps", "-eo", "stat=,comm="], capture_output=True, text=True).stdout

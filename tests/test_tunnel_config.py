@@ -2,14 +2,15 @@
 
 Pure parsing plus the real CLI on files (no network); fast, no root.
 """
+
 from __future__ import annotations
 
 import json
 import os
 
 import pytest
-
 from helpers import hpcfed
+
 from hpcfed.errors import ConfigError
 from hpcfed.tunnel import config, forwards, keys
 from hpcfed.tunnel.runner import RunOptions, build_spec
@@ -47,10 +48,22 @@ def test_standard_config_is_read():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (("PrivateKey = " + PRIV, "PrivateKey = nope"), "site.conf:4: PrivateKey is not a base64 WireGuard key"),
-        (("Address = 10.221.0.7/32", "Address = 10.221.0.300/32"), "Address '10.221.0.300/32' is not an IP"),
-        (("Endpoint = hub.example.org:51820", "Endpoint = hub.example.org"), "Endpoint must be HOST:PORT"),
-        (("PersistentKeepalive = 25", "PersistentKeepalive = soon"), "PersistentKeepalive must be a number"),
+        (
+            ("PrivateKey = " + PRIV, "PrivateKey = nope"),
+            "site.conf:4: PrivateKey is not a base64 WireGuard key",
+        ),
+        (
+            ("Address = 10.221.0.7/32", "Address = 10.221.0.300/32"),
+            "Address '10.221.0.300/32' is not an IP",
+        ),
+        (
+            ("Endpoint = hub.example.org:51820", "Endpoint = hub.example.org"),
+            "Endpoint must be HOST:PORT",
+        ),
+        (
+            ("PersistentKeepalive = 25", "PersistentKeepalive = soon"),
+            "PersistentKeepalive must be a number",
+        ),
         (("AllowedIPs = 10.220.0.0/14", "AllowedIPs = ten"), "AllowedIPs 'ten' is not a network"),
         (("DNS = 1.1.1.1", "Colour = blue"), "unknown [Interface] key 'Colour'"),
         (("[Peer]", "[Peers]"), "unknown section [peers]"),
@@ -70,11 +83,19 @@ def test_two_peers_are_refused():
 
 
 def test_forward_specs():
-    assert forwards.parse_local("8002=10.220.0.2:8002") == forwards.LocalForward("127.0.0.1", 8002, "10.220.0.2", 8002)
+    assert forwards.parse_local("8002=10.220.0.2:8002") == forwards.LocalForward(
+        "127.0.0.1", 8002, "10.220.0.2", 8002
+    )
     assert forwards.parse_local("0.0.0.0:9=10.220.0.2:8003").bind == "0.0.0.0"
-    assert forwards.parse_remote("8002=127.0.0.1:18002") == forwards.RemoteForward(8002, "127.0.0.1", 18002)
-    for bad, msg in [("8002", "expected"), ("x=10.220.0.2:1", "'x' is not a port"),
-                     ("1=server:1", "not a tunnel IPv4 address"), ("1=10.220.0.2:70000", "not a port")]:
+    assert forwards.parse_remote("8002=127.0.0.1:18002") == forwards.RemoteForward(
+        8002, "127.0.0.1", 18002
+    )
+    for bad, msg in [
+        ("8002", "expected"),
+        ("x=10.220.0.2:1", "'x' is not a port"),
+        ("1=server:1", "not a tunnel IPv4 address"),
+        ("1=10.220.0.2:70000", "not a port"),
+    ]:
         with pytest.raises(ConfigError, match=msg):
             forwards.parse_local(bad)
     with pytest.raises(ConfigError, match="is not a port"):
@@ -83,12 +104,22 @@ def test_forward_specs():
 
 def test_spec_checks_forward_targets_against_allowed_ips():
     cfg = config.parse(GOOD, "site.conf")
-    spec = build_spec(cfg, [forwards.parse_local("8002=10.220.0.2:8002")], [forwards.parse_remote("9=127.0.0.1:9")], RunOptions())
+    spec = build_spec(
+        cfg,
+        [forwards.parse_local("8002=10.220.0.2:8002")],
+        [forwards.parse_remote("9=127.0.0.1:9")],
+        RunOptions(),
+    )
     assert spec["address"] == "10.221.0.7" and spec["prefix"] == 32 and spec["private_key"] == PRIV
     with pytest.raises(ConfigError, match="outside the hub peer's AllowedIPs"):
         build_spec(cfg, [forwards.parse_local("8002=192.168.1.1:8002")], [], RunOptions())
     with pytest.raises(ConfigError, match="forwarded twice"):
-        build_spec(cfg, [forwards.parse_local("1=10.220.0.2:1"), forwards.parse_local("1=10.220.0.2:2")], [], RunOptions())
+        build_spec(
+            cfg,
+            [forwards.parse_local("1=10.220.0.2:1"), forwards.parse_local("1=10.220.0.2:2")],
+            [],
+            RunOptions(),
+        )
 
 
 def test_keys_roundtrip_with_wg_format():
@@ -103,7 +134,10 @@ def test_cli_refuses_world_readable_config(tmp_path):
     os.chmod(conf, 0o644)
     proc = hpcfed("tunnel", "up", "--config", str(conf))
     assert proc.returncode == 3
-    assert proc.stderr.strip() == f"hpcfed: error: {conf}: holds a private key but is readable by others (mode 644); run: chmod 600 {conf}"
+    assert (
+        proc.stderr.strip()
+        == f"hpcfed: error: {conf}: holds a private key but is readable by others (mode 644); run: chmod 600 {conf}"
+    )
 
 
 def test_cli_bad_forward_is_one_line_exit_3(tmp_path):
@@ -167,7 +201,14 @@ def test_job_wait_ready_reports_no_egress(tmp_path):
     conf = tmp_path / "site.conf"
     conf.write_text(GOOD.replace("hub.example.org:51820", "127.0.0.1:9"))
     os.chmod(conf, 0o600)
-    argv = job.tunnel_argv(str(conf), "client", [39999], "10.220.0.2", str(tmp_path / "ready"), str(tmp_path / "status"))
+    argv = job.tunnel_argv(
+        str(conf),
+        "client",
+        [39999],
+        "10.220.0.2",
+        str(tmp_path / "ready"),
+        str(tmp_path / "status"),
+    )
     argv += ["--handshake-timeout", "1"]
     proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     with pytest.raises(TunnelError, match="^no UDP egress to the hub 127.0.0.1:9"):

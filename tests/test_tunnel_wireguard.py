@@ -7,6 +7,7 @@ root namespace, dialing the hub's veth address: `tunsrv` is a federation server 
 services with -R, `tuncli` a client reaching them with -L. A third user, `tunother`, is the
 neighbour on a shared node.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from helpers import HPCFED, hpcfed, need, run
 
 pytestmark = pytest.mark.wireguard
@@ -126,7 +126,9 @@ class HubNet:
 
     def __init__(self, tag: str, subnet: int):
         self.ns = f"hpcfed-{tag}"
-        self.iface = f"hf{tag[:5]}{uuid.uuid4().hex[:4]}"  # names are global (wireguard-go's socket)
+        self.iface = (
+            f"hf{tag[:5]}{uuid.uuid4().hex[:4]}"  # names are global (wireguard-go's socket)
+        )
         self.veth = f"vh{tag[:5]}{subnet}"
         self.root_ip, self.hub_ip = f"10.197.{subnet}.1", f"10.197.{subnet}.2"
         self.endpoint = f"{self.hub_ip}:51820"
@@ -149,17 +151,25 @@ class HubNet:
 
     def hub(self, *args: str, check: bool = True, timeout: float = 60):
         """`hpcfed hub ...` run as root inside the hub's namespace."""
-        proc = run(["ip", "netns", "exec", self.ns] + HPCFED + ["hub", *args], env=self.env, timeout=timeout)
+        proc = run(
+            ["ip", "netns", "exec", self.ns] + HPCFED + ["hub", *args],
+            env=self.env,
+            timeout=timeout,
+        )
         if check:
             assert proc.returncode == 0, f"hub {args}: {proc.stderr}"
         return proc
 
     def wg_dump(self) -> dict[str, list[str]]:
-        out = run(["ip", "netns", "exec", self.ns, "wg", "show", self.iface, "dump"], check=True).stdout
+        out = run(
+            ["ip", "netns", "exec", self.ns, "wg", "show", self.iface, "dump"], check=True
+        ).stdout
         return {line.split("\t")[0]: line.split("\t") for line in out.splitlines()[1:]}
 
     def destroy(self) -> None:
-        subprocess.run(["ip", "netns", "exec", self.ns, "ip", "link", "del", self.iface], capture_output=True)
+        subprocess.run(
+            ["ip", "netns", "exec", self.ns, "ip", "link", "del", self.iface], capture_output=True
+        )
         subprocess.run(["ip", "netns", "del", self.ns], capture_output=True)
         subprocess.run(["ip", "link", "del", self.veth + "a"], capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -168,7 +178,10 @@ class HubNet:
 def need_hub_tools() -> None:
     need(os.geteuid() == 0, "the hub namespace needs root")
     for tool in ("wireguard-go", "wg", "ip", "runuser"):
-        need(shutil.which(tool) is not None, f"{tool} is not installed (scripts/bootstrap.d/50-wireguard.sh)")
+        need(
+            shutil.which(tool) is not None,
+            f"{tool} is not installed (scripts/bootstrap.d/50-wireguard.sh)",
+        )
     need(os.path.exists("/dev/net/tun"), "wireguard-go needs /dev/net/tun")
 
 
@@ -200,9 +213,23 @@ class Tunnel:
         self.log = open(tempfile.mktemp(prefix=f"tunnel-{user}-"), "w+")
         env = dict(os.environ, HOME=str(home), USER=user)
         self.proc = subprocess.Popen(
-            ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"] + HPCFED
-            + ["tunnel", "up", "--config", conf, "--ready-file", str(self.ready), "--status-file", str(self.status), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"]
+            + HPCFED
+            + [
+                "tunnel",
+                "up",
+                "--config",
+                conf,
+                "--ready-file",
+                str(self.ready),
+                "--status-file",
+                str(self.status),
+                *args,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 20) -> None:
@@ -210,7 +237,9 @@ class Tunnel:
         while time.monotonic() < deadline:
             if self.ready.exists():
                 return
-            assert self.proc.poll() is None, f"tunnel exited {self.proc.returncode}: {self.output()}"
+            assert self.proc.poll() is None, (
+                f"tunnel exited {self.proc.returncode}: {self.output()}"
+            )
             time.sleep(0.05)
         raise AssertionError(f"no readiness within {timeout}s: {self.output()}")
 
@@ -250,15 +279,51 @@ def fed():
         net.hub("up", "--userspace")
         srv_conf, srv_ip = peer_config(net, "server", "fl-server", SRV)
         cli_conf, _ = peer_config(net, "client", "site1", CLI)
-        services = subprocess.Popen(["runuser", "-u", SRV, "--", sys.executable, "-c", SERVICES, str(SINK_PORT), str(ECHO_PORT)],
-                                    start_new_session=True)
+        services = subprocess.Popen(
+            [
+                "runuser",
+                "-u",
+                SRV,
+                "--",
+                sys.executable,
+                "-c",
+                SERVICES,
+                str(SINK_PORT),
+                str(ECHO_PORT),
+            ],
+            start_new_session=True,
+        )
         procs.append(services)
-        server = Tunnel(SRV, srv_conf, "-R", f"9000=127.0.0.1:{SINK_PORT}", "-R", f"9001=127.0.0.1:{ECHO_PORT}", "--liveness", "5")
-        client = Tunnel(CLI, cli_conf, "-L", f"127.0.0.1:{SINK_FWD}={srv_ip}:9000", "-L", f"{ECHO_FWD}={srv_ip}:9001", "--liveness", "5")
+        server = Tunnel(
+            SRV,
+            srv_conf,
+            "-R",
+            f"9000=127.0.0.1:{SINK_PORT}",
+            "-R",
+            f"9001=127.0.0.1:{ECHO_PORT}",
+            "--liveness",
+            "5",
+        )
+        client = Tunnel(
+            CLI,
+            cli_conf,
+            "-L",
+            f"127.0.0.1:{SINK_FWD}={srv_ip}:9000",
+            "-L",
+            f"{ECHO_FWD}={srv_ip}:9001",
+            "--liveness",
+            "5",
+        )
         tunnels += [server, client]
         server.wait_ready()
         client.wait_ready()
-        yield {"net": net, "server": server, "client": client, "srv_ip": srv_ip, "cli_conf": cli_conf}
+        yield {
+            "net": net,
+            "server": server,
+            "client": client,
+            "srv_ip": srv_ip,
+            "cli_conf": cli_conf,
+        }
     finally:
         for t in tunnels:
             t.stop()
@@ -274,9 +339,14 @@ def test_tunnel_runs_unprivileged_without_tun(fed):
         status = Path(f"/proc/{t.proc.pid}/status").read_text()
         uid = int(next(l for l in status.splitlines() if l.startswith("Uid:")).split()[2])
         assert uid == pwd.getpwnam(user).pw_uid != 0
-        cap_eff = int(next(l for l in status.splitlines() if l.startswith("CapEff:")).split()[1], 16)
+        cap_eff = int(
+            next(l for l in status.splitlines() if l.startswith("CapEff:")).split()[1], 16
+        )
         assert cap_eff == 0, "the tunnel must not need any capability"
-        fds = [os.readlink(f"/proc/{t.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{t.proc.pid}/fd")]
+        fds = [
+            os.readlink(f"/proc/{t.proc.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{t.proc.pid}/fd")
+        ]
         assert not any("tun" in f for f in fds if f.startswith("/dev")), fds
 
 
@@ -288,7 +358,9 @@ def test_ready_file_and_status_counters(fed):
     # a connection, so the counters have something to show
     assert as_user(CLI, PROBE, ECHO_FWD)["data"] == "hello"
     time.sleep(1.2)  # the status file is rewritten every second
-    proc = hpcfed("tunnel", "status", "--status-file", str(fed["client"].status), "--json", user=CLI)
+    proc = hpcfed(
+        "tunnel", "status", "--status-file", str(fed["client"].status), "--json", user=CLI
+    )
     assert proc.returncode == 0, proc.stderr
     st = json.loads(proc.stdout)
     assert st["state"] == "up" and st["handshakes"] >= 1
@@ -305,14 +377,20 @@ def test_one_gib_crosses_byte_exact(fed):
     verdict = as_user(CLI, BULK, SINK_FWD, 1 << 30, timeout=380)
     assert verdict["sent"] == verdict["received"] == 1 << 30
     assert verdict["match"], "the server received different bytes"
-    print(f"1 GiB through the tunnel in {verdict['seconds']:.1f}s "
-          f"({8 * (1 << 30) / verdict['seconds'] / 1e6:.0f} Mbit/s)")
+    print(
+        f"1 GiB through the tunnel in {verdict['seconds']:.1f}s "
+        f"({8 * (1 << 30) / verdict['seconds'] / 1e6:.0f} Mbit/s)"
+    )
 
 
 @pytest.mark.timeout(180)
 def test_fifty_concurrent_connections(fed):
     verdict = as_user(CLI, CONCURRENT, ECHO_FWD, 50, 256 * 1024, timeout=170)
-    assert verdict["ok"] == 50, (verdict, fed["client"].output()[-3000:], fed["server"].output()[-3000:])
+    assert verdict["ok"] == 50, (
+        verdict,
+        fed["client"].output()[-3000:],
+        fed["server"].output()[-3000:],
+    )
 
 
 @pytest.mark.timeout(60)
@@ -329,7 +407,15 @@ def test_roaming_and_unforwarded_port(fed):
     """The same key from a new UDP address (a job restarted on another node) takes over at the
     hub; a -L to a tunnel port nobody forwards fails for the local client; the old tunnel then
     roams back by itself."""
-    t = Tunnel(CLI, fed["cli_conf"], "-L", f"29100={fed['srv_ip']}:9999", "--handshake-timeout", "10", name="moved")
+    t = Tunnel(
+        CLI,
+        fed["cli_conf"],
+        "-L",
+        f"29100={fed['srv_ip']}:9999",
+        "--handshake-timeout",
+        "10",
+        name="moved",
+    )
     try:
         # same key as the running client: the hub follows whichever endpoint spoke last, which
         # is the roaming case; the original client tunnel re-handshakes afterwards by itself.
@@ -355,7 +441,9 @@ def test_unknown_key_gets_no_handshake(fed):
     shutil.chown(conf, OTHER, OTHER)
     os.chmod(conf, 0o600)
     assert hpcfed("vpn", "keygen", "--config", str(conf), "--force", user=OTHER).returncode == 0
-    proc = hpcfed("tunnel", "up", "--config", str(conf), "--handshake-timeout", "3", user=OTHER, timeout=30)
+    proc = hpcfed(
+        "tunnel", "up", "--config", str(conf), "--handshake-timeout", "3", user=OTHER, timeout=30
+    )
     assert proc.returncode == 9
     assert f"no UDP egress to the hub {fed['net'].endpoint}" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ Sub-commands live one module per concern in this package and are imported only w
 `hpcfed --help` starts fast on a login node. A sub-command whose module is absent is simply not
 listed. Errors: every HpcfedError becomes one line on stderr and its exit code (hpcfed.errors).
 """
+
 from __future__ import annotations
 
 import importlib

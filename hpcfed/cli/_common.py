@@ -1,4 +1,5 @@
 """Small helpers every sub-command shares: JSON output, tables, progress."""
+
 from __future__ import annotations
 
 import json

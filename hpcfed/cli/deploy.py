@@ -1,4 +1,5 @@
 """`hpcfed submit | status | logs | cancel`: deployments by name."""
+
 from __future__ import annotations
 
 import sys
@@ -49,21 +50,51 @@ def _resolve_kit(kit, site, role, command, loaded):
 @click.option("--site", required=True, help="Site profile name (see `hpcfed sites list`).")
 @click.option("--gpus", type=int, default=None, help="GPUs for the role (default: the role's).")
 @click.option("--gpu-type", default=None, help="GPU type, one of the site's gpus.types.")
-@click.option("--framework", default="nvflare", show_default=True, help="Federated-learning framework.")
+@click.option(
+    "--framework", default="nvflare", show_default=True, help="Federated-learning framework."
+)
 @click.option("--name", default=None, help="Deployment name (default: SITE-ROLE).")
 @click.option("--time", "time_", default=None, help="Time limit, e.g. 2h, 1d, 1-00:00:00.")
-@click.option("--partition", default=None, help="Partition, or an alias from the profile's partitions.")
+@click.option(
+    "--partition", default=None, help="Partition, or an alias from the profile's partitions."
+)
 @click.option("--kit", default=None, help="Startup kit directory (a path on the cluster).")
 @click.option("--image", default=None, help="Apptainer image (.sif) to run the role in.")
-@click.option("--command", "command", default=None,
-              help="Run this shell command instead of the framework's role (debugging; no kit needed).")
+@click.option(
+    "--command",
+    "command",
+    default=None,
+    help="Run this shell command instead of the framework's role (debugging; no kit needed).",
+)
 @click.option("--tunnel-config", default=None, help="Tunnel config file (a path on the cluster).")
 @click.option("--forward-local", "-L", multiple=True, help="Tunnel forward [bind:]port=ip:port.")
-@click.option("--forward-remote", "-R", multiple=True, help="Tunnel reverse forward port=host:port.")
-@click.option("--dry-run", is_flag=True, help="Print the sbatch script (with --json: plan and script); submit nothing.")
+@click.option(
+    "--forward-remote", "-R", multiple=True, help="Tunnel reverse forward port=host:port."
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the sbatch script (with --json: plan and script); submit nothing.",
+)
 @json_option
-def submit(role, site, gpus, gpu_type, framework, name, time_, partition, kit, image, command,
-           tunnel_config, forward_local, forward_remote, dry_run, as_json):
+def submit(
+    role,
+    site,
+    gpus,
+    gpu_type,
+    framework,
+    name,
+    time_,
+    partition,
+    kit,
+    image,
+    command,
+    tunnel_config,
+    forward_local,
+    forward_remote,
+    dry_run,
+    as_json,
+):
     """Submit a federated-learning ROLE (client, server) as a Slurm job at SITE.
 
     Builds a plan from the site profile and flags, renders the sbatch script and submits it
@@ -89,18 +120,32 @@ def submit(role, site, gpus, gpu_type, framework, name, time_, partition, kit, i
     existing = None if dry_run else store.get(name)
     if existing is not None and existing.site != site:
         raise ConfigError(f"--name {name}: already a deployment at site {existing.site}")
-    dep_id = existing.deployment_id if existing else ("dry-run" if dry_run else deploy.new_deployment_id())
+    dep_id = (
+        existing.deployment_id
+        if existing
+        else ("dry-run" if dry_run else deploy.new_deployment_id())
+    )
     if loaded.profile.scheduler.connect == "local":
         for flag, path in (("--kit", kit), ("--image", image), ("--tunnel-config", tunnel_config)):
             if path and not os.path.exists(os.path.expanduser(path)):
                 raise NotFound(f"{flag} {path}: no such file or directory")
     kit, server_address, capacity = _resolve_kit(kit, site, the_role, command, loaded)
     plan = build_plan(
-        site=loaded, role=the_role, name=name, deployment_id=dep_id, user=deploy.plan_user(loaded),
-        gpus=gpus, gpu_type=gpu_type, time=time_, partition=partition,
-        kit=_abs(kit, loaded), image=_abs(image, loaded), command=command,
+        site=loaded,
+        role=the_role,
+        name=name,
+        deployment_id=dep_id,
+        user=deploy.plan_user(loaded),
+        gpus=gpus,
+        gpu_type=gpu_type,
+        time=time_,
+        partition=partition,
+        kit=_abs(kit, loaded),
+        image=_abs(image, loaded),
+        command=command,
         tunnel_config=_abs(tunnel_config, loaded),
-        local_forwards=tuple(forward_local), remote_forwards=tuple(forward_remote),
+        local_forwards=tuple(forward_local),
+        remote_forwards=tuple(forward_remote),
         server_address=server_address,
     )
     if plan.kit and capacity is not None:
@@ -116,9 +161,15 @@ def submit(role, site, gpus, gpu_type, framework, name, time_, partition, kit, i
         return
     dep, job_id = deploy.submit_plan(plan, script, store, progress=progress)
     emit(
-        {"name": dep.name, "job_id": job_id, "site": dep.site, "role": dep.role,
-         "deployment_id": dep.deployment_id, "workdir": plan.workdir,
-         "log": plan.log_path(job_id)},
+        {
+            "name": dep.name,
+            "job_id": job_id,
+            "site": dep.site,
+            "role": dep.role,
+            "deployment_id": dep.deployment_id,
+            "workdir": plan.workdir,
+            "log": plan.log_path(job_id),
+        },
         as_json,
         lambda d: click.echo(f"submitted {d['name']} as job {d['job_id']} (log: {d['log']})"),
     )
@@ -163,40 +214,66 @@ def status(names, as_json):
             from hpcfed.state.store import epoch
 
             events = sorted(d.events + deploy.job_events(d), key=lambda e: epoch(e["time"]))
-        rows.append({
-            "name": d.name, "site": d.site, "role": d.role, "framework": d.framework,
-            "job_id": d.job_id, "state": "STOPPED" if d.stopped and (not info or not info.active)
-            else (info.state if info else "NOT_SUBMITTED"),
-            "job_state": info.state if info else None,
-            "reason": info.reason if info else "", "node": info.node if info else "",
-            "stopped": d.stopped, "jobs": d.jobs, "events": events,
-        })
+        rows.append(
+            {
+                "name": d.name,
+                "site": d.site,
+                "role": d.role,
+                "framework": d.framework,
+                "job_id": d.job_id,
+                "state": "STOPPED"
+                if d.stopped and (not info or not info.active)
+                else (info.state if info else "NOT_SUBMITTED"),
+                "job_state": info.state if info else None,
+                "reason": info.reason if info else "",
+                "node": info.node if info else "",
+                "stopped": d.stopped,
+                "jobs": d.jobs,
+                "events": events,
+            }
+        )
 
     def human(data):
         rows = data["deployments"]
         if not rows:
             click.echo("no deployments (submit one with `hpcfed submit`)")
             return
-        click.echo(table(
-            [(r["name"], r["site"], r["role"], r["job_id"], r["state"], r["node"] or r["reason"])
-             for r in rows],
-            ["NAME", "SITE", "ROLE", "JOB", "STATE", "NODE/REASON"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        r["name"],
+                        r["site"],
+                        r["role"],
+                        r["job_id"],
+                        r["state"],
+                        r["node"] or r["reason"],
+                    )
+                    for r in rows
+                ],
+                ["NAME", "SITE", "ROLE", "JOB", "STATE", "NODE/REASON"],
+            )
+        )
         if names:
             for r in rows:
                 click.echo(f"\n{r['name']} history:")
                 for e in r["events"]:
                     click.echo(f"  {e['time']}  {e['event']}  {e['detail']}")
 
-    emit({"deployments": rows, "scheduler_calls": calls, "unreachable": sorted(errors.values())},
-         as_json, human)
+    emit(
+        {"deployments": rows, "scheduler_calls": calls, "unreachable": sorted(errors.values())},
+        as_json,
+        human,
+    )
     if errors:
         raise SchedulerUnavailable("; ".join(sorted(set(errors.values()))) + " - state UNKNOWN")
 
 
 @click.command()
 @click.argument("name")
-@click.option("--job", "job_id", default=None, help="An earlier job of the deployment (default: the latest).")
+@click.option(
+    "--job", "job_id", default=None, help="An earlier job of the deployment (default: the latest)."
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
 def logs(name, job_id, follow):
     """Print the output of a deployment's job (fetched over SSH for remote sites).
@@ -227,7 +304,7 @@ def logs(name, job_id, follow):
             except FileNotFoundError:
                 chunk = b""
                 if not follow:
-                    raise NotFound(f"{path} on {runner.where}: no log yet (job pending?)")
+                    raise NotFound(f"{path} on {runner.where}: no log yet (job pending?)") from None
             if chunk:
                 offset += len(chunk)
                 sys.stdout.buffer.write(chunk)
@@ -280,5 +357,8 @@ def cancel(name, as_json):
                 scheduler.cancel(dep.job_id)
             finally:
                 runner.close()
-    emit({"name": name, "job_id": dep.job_id, "stopped": True}, as_json,
-         lambda d: click.echo(f"cancelled {d['name']} (job {d['job_id']})"))
+    emit(
+        {"name": name, "job_id": dep.job_id, "stopped": True},
+        as_json,
+        lambda d: click.echo(f"cancelled {d['name']} (job {d['job_id']})"),
+    )

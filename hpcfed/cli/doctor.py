@@ -1,4 +1,5 @@
 """`hpcfed doctor`: is this site usable, and if not, what to fix."""
+
 from __future__ import annotations
 
 import click
@@ -20,9 +21,13 @@ def _checks(site_name: str):
         return
     p = loaded.profile
     yield "profile", True, f"valid ({', '.join(loaded.files)})", ""
-    target = SchedulerTarget(backend=p.scheduler.backend, connect=p.scheduler.connect,
-                             ssh=p.scheduler.ssh.model_dump(), env=dict(p.scheduler.env),
-                             timeout=p.scheduler.timeout)
+    target = SchedulerTarget(
+        backend=p.scheduler.backend,
+        connect=p.scheduler.connect,
+        ssh=p.scheduler.ssh.model_dump(),
+        env=dict(p.scheduler.env),
+        timeout=p.scheduler.timeout,
+    )
     try:
         runner, sched = deploy.connect(target)
     except HpcfedError as exc:
@@ -32,16 +37,23 @@ def _checks(site_name: str):
         try:
             yield "scheduler", True, f"{sched.ping()} ({runner.where})", ""
         except HpcfedError as exc:
-            fix = ("start the test cluster: hpcfed testcluster up" if site_name == "local"
-                   else "check the login node / SLURM_CONF in scheduler.env")
+            fix = (
+                "start the test cluster: hpcfed testcluster up"
+                if site_name == "local"
+                else "check the login node / SLURM_CONF in scheduler.env"
+            )
             yield "scheduler", False, str(exc), fix
             return
         res = sched.check(["sacct", "--noheader", "-X", "--starttime=now", "--format=JobID"])
         if res.returncode == 0:
             yield "accounting", True, "sacct answers", ""
         else:
-            yield "accounting", False, (res.stderr.strip().splitlines() or ["sacct failed"])[-1], \
-                "status of ended jobs is limited to squeue's MinJobAge; ask admins for slurmdbd"
+            yield (
+                "accounting",
+                False,
+                (res.stderr.strip().splitlines() or ["sacct failed"])[-1],
+                "status of ended jobs is limited to squeue's MinJobAge; ask admins for slurmdbd",
+            )
         res = sched.check(["sinfo", "--noheader", "--format=%P|%G|%a"])
         parts = {}
         for line in res.stdout.splitlines():
@@ -51,28 +63,52 @@ def _checks(site_name: str):
             if part in parts:
                 yield f"partition {alias}", True, f"{part} (gres {parts[part]})", ""
             else:
-                yield f"partition {alias}", False, f"{part} not in sinfo ({', '.join(parts) or 'none'})", \
-                    f"fix partitions.{alias} in the profile"
+                yield (
+                    f"partition {alias}",
+                    False,
+                    f"{part} not in sinfo ({', '.join(parts) or 'none'})",
+                    f"fix partitions.{alias} in the profile",
+                )
         gres = " ".join(parts.values())
         if p.gpus.max_per_node:
             if "gpu" not in gres:
-                yield "gpus", False, "no partition offers gres/gpu", "set gpus.max_per_node: 0 or pick GPU partitions"
+                yield (
+                    "gpus",
+                    False,
+                    "no partition offers gres/gpu",
+                    "set gpus.max_per_node: 0 or pick GPU partitions",
+                )
             else:
                 missing = [t for t in p.gpus.types if f"gpu:{t}:" not in gres]
                 if missing:
-                    yield "gpus", False, f"types {', '.join(missing)} not offered ({gres})", "fix gpus.types"
+                    yield (
+                        "gpus",
+                        False,
+                        f"types {', '.join(missing)} not offered ({gres})",
+                        "fix gpus.types",
+                    )
                 else:
                     yield "gpus", True, gres, ""
-        res = runner.run(["sh", "-c", f"command -v {p.apptainer.binary} && {p.apptainer.binary} --version"], timeout=20)
+        res = runner.run(
+            ["sh", "-c", f"command -v {p.apptainer.binary} && {p.apptainer.binary} --version"],
+            timeout=20,
+        )
         if res.returncode == 0:
             yield "apptainer", True, res.stdout.strip().replace("\n", " "), ""
         else:
-            yield "apptainer", False, f"{p.apptainer.binary} not found on {runner.where}", \
-                "load it in setup: (e.g. module load apptainer) - it may exist only on compute nodes"
+            yield (
+                "apptainer",
+                False,
+                f"{p.apptainer.binary} not found on {runner.where}",
+                "load it in setup: (e.g. module load apptainer) - it may exist only on compute nodes",
+            )
         res = runner.run(["sh", "-c", f"command -v {p.hpcfed_command}"], timeout=20)
-        yield ("hpcfed on cluster", res.returncode == 0,
-               res.stdout.strip() or f"{p.hpcfed_command} not found on {runner.where}",
-               "" if res.returncode == 0 else "install hpcfed there and set hpcfed_command")
+        yield (
+            "hpcfed on cluster",
+            res.returncode == 0,
+            res.stdout.strip() or f"{p.hpcfed_command} not found on {runner.where}",
+            "" if res.returncode == 0 else "install hpcfed there and set hpcfed_command",
+        )
     finally:
         runner.close()
 
@@ -96,9 +132,24 @@ def doctor(sites, as_json):
     for name in names:
         for check, ok, detail, fix in _checks(name):
             results.append({"site": name, "check": check, "ok": ok, "detail": detail, "fix": fix})
-    emit(results, as_json, lambda rs: click.echo(table(
-        [(r["site"], r["check"], "ok" if r["ok"] else "FAIL", r["detail"] + (f"  -> {r['fix']}" if r["fix"] else ""))
-         for r in rs], ["SITE", "CHECK", "", "DETAIL"])))
+    emit(
+        results,
+        as_json,
+        lambda rs: click.echo(
+            table(
+                [
+                    (
+                        r["site"],
+                        r["check"],
+                        "ok" if r["ok"] else "FAIL",
+                        r["detail"] + (f"  -> {r['fix']}" if r["fix"] else ""),
+                    )
+                    for r in rs
+                ],
+                ["SITE", "CHECK", "", "DETAIL"],
+            )
+        ),
+    )
     failed = [r for r in results if not r["ok"]]
     if any(r["check"] == "scheduler" for r in failed):
         raise SchedulerUnavailable(f"{len(failed)} check(s) failed; the scheduler does not answer")

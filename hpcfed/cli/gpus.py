@@ -1,4 +1,5 @@
 """`hpcfed gpus`: the GPU preflight a job runs before its role, on demand on any node."""
+
 from __future__ import annotations
 
 import click
@@ -17,12 +18,23 @@ def _human(report: dict) -> None:
         click.echo(report["skipped"])
     else:
         click.echo(f"NVML driver {report['driver_version']}")
-        click.echo(table(
-            [(g["id"], g.get("name"), g.get("memory_free_mib"), g.get("memory_total_mib"),
-              g.get("ecc_uncorrected_volatile"), len(g.get("processes", [])),
-              "ok" if g["ok"] else "; ".join(g["problems"])) for g in report["gpus"]],
-            ["GPU", "NAME", "FREE MiB", "TOTAL MiB", "ECC", "PROCS", "STATUS"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        g["id"],
+                        g.get("name"),
+                        g.get("memory_free_mib"),
+                        g.get("memory_total_mib"),
+                        g.get("ecc_uncorrected_volatile"),
+                        len(g.get("processes", [])),
+                        "ok" if g["ok"] else "; ".join(g["problems"]),
+                    )
+                    for g in report["gpus"]
+                ],
+                ["GPU", "NAME", "FREE MiB", "TOTAL MiB", "ECC", "PROCS", "STATUS"],
+            )
+        )
         for problem in report["problems"]:
             if not any(problem.endswith(p) for g in report["gpus"] for p in g["problems"]):
                 click.echo(f"problem: {problem}")
@@ -30,13 +42,28 @@ def _human(report: dict) -> None:
 
 
 @click.command()
-@click.option("--min-memory", "min_memory_mib", type=click.IntRange(min=0), metavar="MIB",
-              help="Fail when an assigned GPU has less free memory than this.")
-@click.option("--ecc-threshold", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Uncorrected ECC errors (since driver load) tolerated per GPU.")
-@click.option("--require-nvml", is_flag=True,
-              help="Fail (exit 10) when NVML is absent instead of reporting that the check is skipped.")
-@click.option("--site", help="Take --min-memory and whether NVML is required from this site's profile.")
+@click.option(
+    "--min-memory",
+    "min_memory_mib",
+    type=click.IntRange(min=0),
+    metavar="MIB",
+    help="Fail when an assigned GPU has less free memory than this.",
+)
+@click.option(
+    "--ecc-threshold",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Uncorrected ECC errors (since driver load) tolerated per GPU.",
+)
+@click.option(
+    "--require-nvml",
+    is_flag=True,
+    help="Fail (exit 10) when NVML is absent instead of reporting that the check is skipped.",
+)
+@click.option(
+    "--site", help="Take --min-memory and whether NVML is required from this site's profile."
+)
 @json_option
 def gpus(min_memory_mib, ecc_threshold, require_nvml, site, as_json):
     """Check this node's GPUs the way a job's preflight does before its role starts.
@@ -71,5 +98,6 @@ def gpus(min_memory_mib, ecc_threshold, require_nvml, site, as_json):
     if not report["ok"]:
         if report["skipped"]:
             raise GpuPreflightFailed(
-                f"GPU preflight cannot run: {report['skipped'][len('skipping: '):]} ({why_required})")
+                f"GPU preflight cannot run: {report['skipped'][len('skipping: ') :]} ({why_required})"
+            )
         raise GpuPreflightFailed(f"GPU preflight failed: {'; '.join(report['problems'][:3])}")

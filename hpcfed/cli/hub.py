@@ -1,4 +1,5 @@
 """`hpcfed hub`: the WireGuard hub every tunnel dials, and its peer registry (root, on the hub)."""
+
 from __future__ import annotations
 
 import click
@@ -6,7 +7,12 @@ import click
 from hpcfed.cli._common import emit, json_option, progress, table
 from hpcfed.errors import ConfigError
 
-dir_option = click.option("--dir", "directory", type=click.Path(file_okay=False), help="Registry directory (default $HPCFED_HUB_DIR or /var/lib/hpcfed/hub).")
+dir_option = click.option(
+    "--dir",
+    "directory",
+    type=click.Path(file_okay=False),
+    help="Registry directory (default $HPCFED_HUB_DIR or /var/lib/hpcfed/hub).",
+)
 TYPES = click.Choice(["server", "client", "admin"])
 
 
@@ -43,9 +49,23 @@ def hub():
 @hub.command("init")
 @click.option("--endpoint", required=True, help="HOST:PORT peers dial (UDP).")
 @click.option("--interface", default="hpcfed0", show_default=True, help="WireGuard interface name.")
-@click.option("--listen-port", type=click.IntRange(1, 65535), help="UDP port to listen on (default: the endpoint's port).")
-@click.option("--keepalive", default=25, show_default=True, type=click.IntRange(0, 3600), help="Hub-to-peer keepalive seconds (lets tunnels tell a live hub from a restarted one); 0 = off.")
-@click.option("--force", is_flag=True, help="Replace an existing hub key (every peer config must be re-issued).")
+@click.option(
+    "--listen-port",
+    type=click.IntRange(1, 65535),
+    help="UDP port to listen on (default: the endpoint's port).",
+)
+@click.option(
+    "--keepalive",
+    default=25,
+    show_default=True,
+    type=click.IntRange(0, 3600),
+    help="Hub-to-peer keepalive seconds (lets tunnels tell a live hub from a restarted one); 0 = off.",
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an existing hub key (every peer config must be re-issued).",
+)
 @dir_option
 @json_option
 def init(endpoint, interface, listen_port, keepalive, force, directory, as_json):
@@ -61,12 +81,20 @@ def init(endpoint, interface, listen_port, keepalive, force, directory, as_json)
     if len(interface) > 15 or not interface.replace("-", "").replace("_", "").isalnum():
         raise ConfigError(f"--interface {interface!r}: at most 15 letters, digits, '-' or '_'")
     reg = _registry(directory)
-    h = reg.init(endpoint, interface, listen_port or int(endpoint.rsplit(":", 1)[1]), keepalive, force)
-    emit({"dir": str(reg.dir), **h.__dict__}, as_json, lambda d: click.echo(f"hub initialised in {d['dir']}; public key {d['public_key']}"))
+    h = reg.init(
+        endpoint, interface, listen_port or int(endpoint.rsplit(":", 1)[1]), keepalive, force
+    )
+    emit(
+        {"dir": str(reg.dir), **h.__dict__},
+        as_json,
+        lambda d: click.echo(f"hub initialised in {d['dir']}; public key {d['public_key']}"),
+    )
 
 
 @hub.command("up")
-@click.option("--userspace", is_flag=True, help="Use wireguard-go even when the kernel has WireGuard.")
+@click.option(
+    "--userspace", is_flag=True, help="Use wireguard-go even when the kernel has WireGuard."
+)
 @dir_option
 @json_option
 def up_cmd(userspace, directory, as_json):
@@ -81,10 +109,15 @@ def up_cmd(userspace, directory, as_json):
     reg = _registry(directory)
     h = reg.hub()
     peers = reg.peers()
-    progress(f"bringing up {h.interface} on UDP {h.listen_port} with {sum(len(p.keys) for p in peers)} peer key(s)")
+    progress(
+        f"bringing up {h.interface} on UDP {h.listen_port} with {sum(len(p.keys) for p in peers)} peer key(s)"
+    )
     impl = wg.up(h, reg.private_key(), peers, userspace)
-    emit({"interface": h.interface, "implementation": impl, "peers": len(peers)}, as_json,
-         lambda d: click.echo(f"{d['interface']} up ({d['implementation']}), {d['peers']} peer(s)"))
+    emit(
+        {"interface": h.interface, "implementation": impl, "peers": len(peers)},
+        as_json,
+        lambda d: click.echo(f"{d['interface']} up ({d['implementation']}), {d['peers']} peer(s)"),
+    )
 
 
 @hub.command("down")
@@ -115,7 +148,11 @@ def genconf(type_, peer_id, directory, as_json):
       hpcfed hub genconf client site1     # then send peers/client/site1/wg.conf to site1
     """
     peer, path = _registry(directory).genconf(type_, peer_id)
-    emit({**peer.public(), "config": str(path)}, as_json, lambda d: click.echo(f"{d['type']} {d['id']}: {d['address']}; config {d['config']}"))
+    emit(
+        {**peer.public(), "config": str(path)},
+        as_json,
+        lambda d: click.echo(f"{d['type']} {d['id']}: {d['address']}; config {d['config']}"),
+    )
 
 
 @hub.command("add")
@@ -141,9 +178,15 @@ def add(type_, peer_id, public_key, directory, as_json):
         for k in replaced:
             wg.remove_peer(h, k)
         wg.set_peer(h, peer, public_key)
-    emit({**peer.public(), "replaced": replaced, "applied": live}, as_json,
-         lambda d: click.echo(f"{type_} {peer_id} ({d['address']}) key added" + (f", replaced {len(replaced)} old key(s)" if replaced else "") +
-                              ("" if live else f"; {h.interface} is not up: `hpcfed hub up` applies it")))
+    emit(
+        {**peer.public(), "replaced": replaced, "applied": live},
+        as_json,
+        lambda d: click.echo(
+            f"{type_} {peer_id} ({d['address']}) key added"
+            + (f", replaced {len(replaced)} old key(s)" if replaced else "")
+            + ("" if live else f"; {h.interface} is not up: `hpcfed hub up` applies it")
+        ),
+    )
 
 
 @hub.command("remove")
@@ -202,10 +245,21 @@ def list_cmd(directory, as_json):
         rows.append(d)
 
     def human(items):
-        click.echo(table(
-            [(d["type"], d["id"], d["prefix"], d["address"], ",".join(d["keys"]) or "-",
-              ",".join(filter(None, (v["endpoint"] for v in d["live"].values()))) or "-") for d in items],
-            ["TYPE", "ID", "PREFIX", "ADDRESS", "KEYS", "ENDPOINT"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        d["type"],
+                        d["id"],
+                        d["prefix"],
+                        d["address"],
+                        ",".join(d["keys"]) or "-",
+                        ",".join(filter(None, (v["endpoint"] for v in d["live"].values()))) or "-",
+                    )
+                    for d in items
+                ],
+                ["TYPE", "ID", "PREFIX", "ADDRESS", "KEYS", "ENDPOINT"],
+            )
+        )
 
     emit(rows, as_json, human)

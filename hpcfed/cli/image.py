@@ -1,4 +1,5 @@
 """`hpcfed image`: build role images (SIF) from the bundled definition files, list them."""
+
 from __future__ import annotations
 
 import os
@@ -29,26 +30,50 @@ def image():
     """
 
 
-_site_option = click.option("--site", help="Store/list in this site's image directory (apptainer.image_dir).")
-_dir_option = click.option("--image-dir", type=click.Path(file_okay=False),
-                           help="Image directory (overrides the site profile).")
+_site_option = click.option(
+    "--site", help="Store/list in this site's image directory (apptainer.image_dir)."
+)
+_dir_option = click.option(
+    "--image-dir",
+    type=click.Path(file_okay=False),
+    help="Image directory (overrides the site profile).",
+)
 
 
 @image.command()
 @click.argument("role", type=click.Choice(["base", "client", "server"]))
-@click.option("--framework", type=click.Choice(["nvflare"]), default="nvflare", show_default=True,
-              help="Framework inside the image (ignored for ROLE=base).")
-@click.option("--version", "fw_version", help="Exact framework version, e.g. 2.9.0 (required unless ROLE=base).")
-@click.option("--base", help="Base image: docker://IMAGE (needs internet), localimage:/path/base.sif or a "
-              "sandbox directory (offline). Default: docker://python:3.11-slim.")
-@click.option("--compression", type=click.Choice(["gzip", "zstd", "lz4"]), default="gzip", show_default=True,
-              help="SIF compression: gzip reads everywhere; zstd/lz4 build faster.")
+@click.option(
+    "--framework",
+    type=click.Choice(["nvflare"]),
+    default="nvflare",
+    show_default=True,
+    help="Framework inside the image (ignored for ROLE=base).",
+)
+@click.option(
+    "--version",
+    "fw_version",
+    help="Exact framework version, e.g. 2.9.0 (required unless ROLE=base).",
+)
+@click.option(
+    "--base",
+    help="Base image: docker://IMAGE (needs internet), localimage:/path/base.sif or a "
+    "sandbox directory (offline). Default: docker://python:3.11-slim.",
+)
+@click.option(
+    "--compression",
+    type=click.Choice(["gzip", "zstd", "lz4"]),
+    default="gzip",
+    show_default=True,
+    help="SIF compression: gzip reads everywhere; zstd/lz4 build faster.",
+)
 @_site_option
 @_dir_option
 @click.option("--apptainer", "apptainer_bin", help="Apptainer binary (default: apptainer on PATH).")
 @click.option("--dry-run", is_flag=True, help="Show the build plan and the command, build nothing.")
 @json_option
-def build(role, framework, fw_version, base, compression, site, image_dir, apptainer_bin, dry_run, as_json):
+def build(
+    role, framework, fw_version, base, compression, site, image_dir, apptainer_bin, dry_run, as_json
+):
     """Build the image for ROLE (base, client, server) into the image directory.
 
     Runs as a normal user (with --fakeroot). The framework version is pinned exactly and
@@ -61,7 +86,12 @@ def build(role, framework, fw_version, base, compression, site, image_dir, appta
     """
     from hpcfed.container.apptainer import find_apptainer
     from hpcfed.container.images import (
-        build_argv, build_image, check_build, host_ca_bundle, plan_build, resolve_image_dir,
+        build_argv,
+        build_image,
+        check_build,
+        host_ca_bundle,
+        plan_build,
+        resolve_image_dir,
     )
 
     if site and apptainer_bin is None:
@@ -70,9 +100,15 @@ def build(role, framework, fw_version, base, compression, site, image_dir, appta
         apptainer_bin = load_site(site).profile.apptainer.binary
     directory, _ = resolve_image_dir(image_dir, site)
     plan = plan_build(
-        role, framework=framework, version=fw_version, base=base, image_dir=directory,
-        as_root=os.geteuid() == 0, compression=compression,
-        ca_bundle=host_ca_bundle(os.environ), hpcfed_version=_hpcfed_version(),
+        role,
+        framework=framework,
+        version=fw_version,
+        base=base,
+        image_dir=directory,
+        as_root=os.geteuid() == 0,
+        compression=compression,
+        ca_bundle=host_ca_bundle(os.environ),
+        hpcfed_version=_hpcfed_version(),
     )
     if dry_run:
         data = plan.to_dict()
@@ -81,8 +117,10 @@ def build(role, framework, fw_version, base, compression, site, image_dir, appta
         return
     check_build(plan)  # bad input first: it is the user's to fix wherever they build
     binary = find_apptainer(apptainer_bin)
-    progress(f"building {plan.output} from {plan.to_dict()['base']}"
-             + (" (fakeroot)" if plan.fakeroot else ""))
+    progress(
+        f"building {plan.output} from {plan.to_dict()['base']}"
+        + (" (fakeroot)" if plan.fakeroot else "")
+    )
     record = build_image(plan, binary, on_line=lambda line: progress(f"  {line}") if line else None)
     progress(f"built {record['path']} ({record['size_mb']} MB)")
     emit(record, as_json, lambda r: click.echo(r["path"]))
@@ -114,11 +152,22 @@ def list_(site, image_dir, apptainer_bin, as_json):
         if not data["images"]:
             click.echo("no images (build one with `hpcfed image build`)")
             return
-        click.echo(table(
-            [(i["name"], i["role"], i["framework"], i["framework_version"], i["size_mb"], i["built"])
-             for i in data["images"]],
-            ["NAME", "ROLE", "FRAMEWORK", "VERSION", "MB", "BUILT"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        i["name"],
+                        i["role"],
+                        i["framework"],
+                        i["framework_version"],
+                        i["size_mb"],
+                        i["built"],
+                    )
+                    for i in data["images"]
+                ],
+                ["NAME", "ROLE", "FRAMEWORK", "VERSION", "MB", "BUILT"],
+            )
+        )
         if binary is None:
             click.echo("(apptainer not on PATH here: labels not shown)")
 

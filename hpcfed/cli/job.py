@@ -1,4 +1,5 @@
 """`hpcfed job run PLAN.json`: the in-job entry the rendered sbatch script execs."""
+
 from __future__ import annotations
 
 import sys

@@ -1,9 +1,9 @@
 """`hpcfed kit`: startup kits from the federation's NVFlare dashboard."""
+
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import click
 
@@ -35,7 +35,9 @@ def _password(url: str, email: str) -> str:
     try:
         import keyring  # optional
 
-        value = keyring.get_password(KEYRING_SERVICE, f"{email}@{url}") or keyring.get_password(KEYRING_SERVICE, email)
+        value = keyring.get_password(KEYRING_SERVICE, f"{email}@{url}") or keyring.get_password(
+            KEYRING_SERVICE, email
+        )
         if value:
             return value
     except Exception:  # keyring absent or without a usable backend
@@ -76,20 +78,54 @@ def _human_kit(k: dict) -> None:
 
 
 @kit.command()
-@click.option("--dashboard", "url", envvar="HPCFED_DASHBOARD_URL", required=True, metavar="URL",
-              help="The dashboard's URL (env HPCFED_DASHBOARD_URL).")
-@click.option("--user", "email", envvar="HPCFED_DASHBOARD_USER", required=True, metavar="EMAIL",
-              help="Your dashboard login e-mail (env HPCFED_DASHBOARD_USER).")
-@click.option("--site", metavar="NAME", help="Client: the site's dashboard name. Server/admin: name to store the kit under.")
-@click.option("--as", "store_as", metavar="SITE",
-              help="Store the kit for this hpcfed site (profile) name instead of --site, e.g. when the "
-                   "dashboard calls the site differently.")
+@click.option(
+    "--dashboard",
+    "url",
+    envvar="HPCFED_DASHBOARD_URL",
+    required=True,
+    metavar="URL",
+    help="The dashboard's URL (env HPCFED_DASHBOARD_URL).",
+)
+@click.option(
+    "--user",
+    "email",
+    envvar="HPCFED_DASHBOARD_USER",
+    required=True,
+    metavar="EMAIL",
+    help="Your dashboard login e-mail (env HPCFED_DASHBOARD_USER).",
+)
+@click.option(
+    "--site",
+    metavar="NAME",
+    help="Client: the site's dashboard name. Server/admin: name to store the kit under.",
+)
+@click.option(
+    "--as",
+    "store_as",
+    metavar="SITE",
+    help="Store the kit for this hpcfed site (profile) name instead of --site, e.g. when the "
+    "dashboard calls the site differently.",
+)
 @click.option("--role", type=ROLE, default="client", show_default=True)
 @click.option("--org", metavar="ORG", help="Organisation for --register (default: your account's).")
-@click.option("--register", is_flag=True, help="Register the site first if the dashboard does not know it.")
-@click.option("--gpus", type=click.IntRange(0), help="GPU capacity to register (default: the site profile's gpus.max_per_node).")
-@click.option("--profile", metavar="SITE", help="Site profile to take the GPU capacity from (default: --as, else --site).")
-@click.option("--repin", is_flag=True, help="Accept a new root CA for this federation (only after the admin confirms it changed).")
+@click.option(
+    "--register", is_flag=True, help="Register the site first if the dashboard does not know it."
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(0),
+    help="GPU capacity to register (default: the site profile's gpus.max_per_node).",
+)
+@click.option(
+    "--profile",
+    metavar="SITE",
+    help="Site profile to take the GPU capacity from (default: --as, else --site).",
+)
+@click.option(
+    "--repin",
+    is_flag=True,
+    help="Accept a new root CA for this federation (only after the admin confirms it changed).",
+)
 @json_option
 def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, as_json):
     """Download, check and install the startup kit for a site.
@@ -111,25 +147,52 @@ def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, 
     if register and gpus is None:
         capacity = _profile_capacity(profile or store_as or site or "")
         if capacity is None:
-            raise ConfigError(f"--register needs --gpus N (no site profile {profile or site!r} to take it from)")
+            raise ConfigError(
+                f"--register needs --gpus N (no site profile {profile or site!r} to take it from)"
+            )
         gpus, mem = capacity
-    plan = PullPlan(dashboard=url, site=site, role=role, email=email, org=org, register=register,
-                    gpus=gpus, mem_per_gpu_gib=mem, repin=repin, store_as=store_as)
+    plan = PullPlan(
+        dashboard=url,
+        site=site,
+        role=role,
+        email=email,
+        org=org,
+        register=register,
+        gpus=gpus,
+        mem_per_gpu_gib=mem,
+        repin=repin,
+        store_as=store_as,
+    )
     result = pull_kit(plan, _password(url, email), progress=progress)
     for warning in result.report.warnings:
         progress(f"warning: {warning}")
     if result.pinned == "new":
-        progress(f"pinned the root CA of federation {result.kit.federation} on first use: {result.kit.root_fingerprint}")
+        progress(
+            f"pinned the root CA of federation {result.kit.federation} on first use: {result.kit.root_fingerprint}"
+        )
     elif result.pinned == "replaced":
-        progress(f"re-pinned the root CA of federation {result.kit.federation}: {result.kit.root_fingerprint}")
+        progress(
+            f"re-pinned the root CA of federation {result.kit.federation}: {result.kit.root_fingerprint}"
+        )
     data = dict(result.kit.to_dict(), pinned=result.pinned, warnings=result.report.warnings)
-    emit(data, as_json, lambda d: (click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"), _human_kit(d)))
+    emit(
+        data,
+        as_json,
+        lambda d: (
+            click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"),
+            _human_kit(d),
+        ),
+    )
 
 
 @kit.command("import")
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--site", required=True, metavar="NAME", help="Name to store the kit under.")
-@click.option("--expect-name", metavar="CN", help="Name the certificate must carry (default: --site for client kits).")
+@click.option(
+    "--expect-name",
+    metavar="CN",
+    help="Name the certificate must carry (default: --site for client kits).",
+)
 @click.option("--repin", is_flag=True, help="Accept a new root CA for this federation.")
 @json_option
 def import_(directory, site, expect_name, repin, as_json):
@@ -141,9 +204,10 @@ def import_(directory, site, expect_name, repin, as_json):
     Example:
       hpcfed kit import ./site-1 --site site-1
     """
+    from pathlib import Path
+
     from hpcfed.kit.checks import detect_role
     from hpcfed.kit.pull import import_kit
-    from pathlib import Path
 
     if expect_name is None and detect_role(Path(directory)) == "client":
         expect_name = site
@@ -151,12 +215,24 @@ def import_(directory, site, expect_name, repin, as_json):
     for warning in result.report.warnings:
         progress(f"warning: {warning}")
     data = dict(result.kit.to_dict(), pinned=result.pinned, warnings=result.report.warnings)
-    emit(data, as_json, lambda d: (click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"), _human_kit(d)))
+    emit(
+        data,
+        as_json,
+        lambda d: (
+            click.echo(f"installed {d['role']} kit for {d['site']} ({d['federation']})"),
+            _human_kit(d),
+        ),
+    )
 
 
 @kit.command()
 @click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--site", "name", metavar="NAME", help="Name the certificate must carry (site, server name or e-mail).")
+@click.option(
+    "--site",
+    "name",
+    metavar="NAME",
+    help="Name the certificate must carry (site, server name or e-mail).",
+)
 @click.option("--no-pin", is_flag=True, help="Do not compare the root CA with the pinned one.")
 @json_option
 def verify(directory, name, no_pin, as_json):
@@ -184,8 +260,10 @@ def verify(directory, name, no_pin, as_json):
             click.echo(f"error: {e}")
         if r["facts"]:
             f = r["facts"]
-            click.echo(f"{f['role']} kit for {f['name']} in federation {f['federation']}, "
-                       f"server {f['server_host']}:{f['server_port']}, expires {f['not_after']}")
+            click.echo(
+                f"{f['role']} kit for {f['name']} in federation {f['federation']}, "
+                f"server {f['server_host']}:{f['server_port']}, expires {f['not_after']}"
+            )
 
     emit(report.to_dict(), as_json, human)
     if not report.ok:
@@ -209,11 +287,23 @@ def list_(as_json):
         if not rows:
             click.echo("no kits installed; get one with `hpcfed kit pull`")
             return
-        click.echo(table(
-            [(k["federation"], k["site"], k["role"], f"{k['server_host']}:{k['server_port']}",
-              k["gpu_capacity"], k["not_after"][:10], k["root_fingerprint"][:23] + "...") for k in rows],
-            ["FEDERATION", "SITE", "ROLE", "SERVER", "GPUS", "EXPIRES", "ROOT CA"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        k["federation"],
+                        k["site"],
+                        k["role"],
+                        f"{k['server_host']}:{k['server_port']}",
+                        k["gpu_capacity"],
+                        k["not_after"][:10],
+                        k["root_fingerprint"][:23] + "...",
+                    )
+                    for k in rows
+                ],
+                ["FEDERATION", "SITE", "ROLE", "SERVER", "GPUS", "EXPIRES", "ROOT CA"],
+            )
+        )
 
     emit(kits, as_json, human)
 
@@ -234,7 +324,9 @@ def show(site, role, as_json):
 
     found = find_kit(site, role)
     if found is None:
-        raise NotFound(f"no {role} kit for site {site!r}; get one with `hpcfed kit pull --site {site}`")
+        raise NotFound(
+            f"no {role} kit for site {site!r}; get one with `hpcfed kit pull --site {site}`"
+        )
     emit(found.to_dict(), as_json, _human_kit)
 
 
@@ -261,7 +353,11 @@ def use(site, role, federation, rollback, as_json):
         if current is None:
             raise NotFound(f"no {role} kit for site {site!r}")
         federation = current.federation
-    chosen = store.rollback(federation, role, site) if rollback else store.set_default(site, role, federation)
+    chosen = (
+        store.rollback(federation, role, site)
+        if rollback
+        else store.set_default(site, role, federation)
+    )
     if rollback:
         store.set_default(site, role, federation)
     emit(chosen.to_dict(), as_json, _human_kit)

@@ -1,4 +1,5 @@
 """`hpcfed rejoin` and `hpcfed cron install|show|remove`: bring lost deployments back."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,12 @@ def _rotate(path: str) -> None:
 
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be resubmitted; submit nothing.")
-@click.option("--log-file", type=click.Path(dir_okay=False), default=None,
-              help="Also append the result to this file (rotated at 1 MiB, 3 kept): for cron.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also append the result to this file (rotated at 1 MiB, 3 kept): for cron.",
+)
 @json_option
 def rejoin(dry_run, log_file, as_json):
     """Resubmit deployments whose job is gone (preempted without requeue, node failure, time
@@ -54,8 +59,15 @@ def rejoin(dry_run, log_file, as_json):
         if not rows:
             click.echo("no deployments")
             return
-        click.echo(table([(r["name"], r["action"], r["new_job_id"] or r["job_id"], r["detail"])
-                          for r in rows], ["NAME", "ACTION", "JOB", "DETAIL"]))
+        click.echo(
+            table(
+                [
+                    (r["name"], r["action"], r["new_job_id"] or r["job_id"], r["detail"])
+                    for r in rows
+                ],
+                ["NAME", "ACTION", "JOB", "DETAIL"],
+            )
+        )
 
     emit({"dry_run": dry_run, "deployments": rows}, as_json, human)
     if log_file:
@@ -65,9 +77,13 @@ def rejoin(dry_run, log_file, as_json):
         with os.fdopen(fd, "a") as f:
             for r in rows:
                 if r["action"] not in ("ok", "stopped", "ended"):
-                    f.write(f"{stamp} {r['name']} {r['action']} {r['new_job_id'] or r['job_id'] or ''} {r['detail']}\n")
-            f.write(f"{stamp} rejoin pass: {len(rows)} deployments, "
-                    f"{sum(r['action'] == 'resubmitted' for r in rows)} resubmitted, {len(unknown)} unknown\n")
+                    f.write(
+                        f"{stamp} {r['name']} {r['action']} {r['new_job_id'] or r['job_id'] or ''} {r['detail']}\n"
+                    )
+            f.write(
+                f"{stamp} rejoin pass: {len(rows)} deployments, "
+                f"{sum(r['action'] == 'resubmitted' for r in rows)} resubmitted, {len(unknown)} unknown\n"
+            )
     if unknown:
         raise SchedulerUnavailable(
             f"scheduler unreachable for {', '.join(o.name for o in unknown)}: nothing resubmitted for them"
@@ -89,7 +105,9 @@ def cron():
 @click.option("--every", default="10m", show_default=True, help="How often: 5m, 10m, 1h ...")
 @click.option("--scrontab", "kind", flag_value="scrontab", help="Use Slurm's scrontab.")
 @click.option("--crontab", "kind", flag_value="crontab", help="Use this login node's crontab.")
-@click.option("--site", default=None, help="scrontab: run the entry with this site's partition and account.")
+@click.option(
+    "--site", default=None, help="scrontab: run the entry with this site's partition and account."
+)
 @json_option
 def install(every, kind, site, as_json):
     """Install (or replace) the rejoin entry; running it twice leaves one entry.
@@ -114,8 +132,13 @@ def install(every, kind, site, as_json):
             options.append(f"--account={p.account}")
     entry = c.block(kind, every, log_file, options)
     c.write(kind, c.strip(c.read(kind)) + entry)
-    emit({"kind": kind, "entry": entry, "log_file": log_file}, as_json,
-         lambda d: click.echo(f"installed in {d['kind']} (log: {d['log_file']}):\n" + "\n".join(d["entry"])))
+    emit(
+        {"kind": kind, "entry": entry, "log_file": log_file},
+        as_json,
+        lambda d: click.echo(
+            f"installed in {d['kind']} (log: {d['log_file']}):\n" + "\n".join(d["entry"])
+        ),
+    )
 
 
 @cron.command("show")
@@ -134,8 +157,11 @@ def show(kind, as_json):
 
     kind = c.pick(kind)
     entry = c.ours(c.read(kind))
-    emit({"kind": kind, "entry": entry}, as_json,
-         lambda d: click.echo("\n".join(d["entry"]) if d["entry"] else f"no hpcfed entry in {kind}"))
+    emit(
+        {"kind": kind, "entry": entry},
+        as_json,
+        lambda d: click.echo("\n".join(d["entry"]) if d["entry"] else f"no hpcfed entry in {kind}"),
+    )
     if not entry:
         raise NotFound(f"no hpcfed rejoin entry in {kind} (`hpcfed cron install`)")
 

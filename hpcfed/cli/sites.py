@@ -1,4 +1,5 @@
 """`hpcfed sites list | show`: the site profiles and where each value comes from."""
+
 from __future__ import annotations
 
 import json
@@ -28,9 +29,10 @@ def list_(as_json):
     Example:
       hpcfed sites list --json
     """
+    from pathlib import Path
+
     from hpcfed.profiles import site_names
     from hpcfed.profiles.loader import read_yaml
-    from pathlib import Path
 
     rows = []
     for name, files in site_names().items():
@@ -41,8 +43,13 @@ def list_(as_json):
             except Exception:  # a broken profile is still listed; `show` says what is wrong
                 desc = "(invalid: run `hpcfed sites show " + name + "`)"
         rows.append({"name": name, "files": files, "description": desc})
-    emit(rows, as_json, lambda rows: click.echo(table(
-        [(r["name"], r["description"]) for r in rows], ["SITE", "DESCRIPTION"])))
+    emit(
+        rows,
+        as_json,
+        lambda rows: click.echo(
+            table([(r["name"], r["description"]) for r in rows], ["SITE", "DESCRIPTION"])
+        ),
+    )
 
 
 @sites.command("show")
@@ -68,6 +75,13 @@ def show(site, as_json):
         "profile": loaded.profile.model_dump(),
         "sources": {k: src for k, _, src in rows},
     }
-    emit(data, as_json, lambda _d: click.echo(table(
-        [(k, json.dumps(v) if not isinstance(v, str) else v, src) for k, v, src in rows],
-        ["KEY", "VALUE", "SOURCE"])))
+    emit(
+        data,
+        as_json,
+        lambda _d: click.echo(
+            table(
+                [(k, json.dumps(v) if not isinstance(v, str) else v, src) for k, v, src in rows],
+                ["KEY", "VALUE", "SOURCE"],
+            )
+        ),
+    )

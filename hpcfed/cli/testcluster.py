@@ -1,4 +1,5 @@
 """`hpcfed testcluster`: a real single-host Slurm cluster for trying hpcfed and for its tests."""
+
 from __future__ import annotations
 
 import shutil
@@ -46,8 +47,11 @@ def testcluster():
 @testcluster.command()
 @prefix_option
 @json_option
-@click.option("--foreground", is_flag=True,
-              help="Stay in the foreground after start; stop the cluster on SIGTERM/SIGINT (containers).")
+@click.option(
+    "--foreground",
+    is_flag=True,
+    help="Stay in the foreground after start; stop the cluster on SIGTERM/SIGINT (containers).",
+)
 def up(prefix, as_json, foreground):
     """Start the cluster (installs missing Debian packages; needs root). Idempotent.
 
@@ -75,9 +79,11 @@ def up(prefix, as_json, foreground):
             click.echo(f"test cluster already running ({spec.prefix})")
         else:
             click.echo(f"test cluster up in {d['seconds']} s: {', '.join(d['started'])}")
-        click.echo(f"point Slurm clients at it with:  eval \"$(hpcfed testcluster env)\"")
-        click.echo(f"  (sets SLURM_CONF={spec.slurm_conf}); submit as the non-root user "
-                   f"{spec.user} (account {spec.account})")
+        click.echo('point Slurm clients at it with:  eval "$(hpcfed testcluster env)"')
+        click.echo(
+            f"  (sets SLURM_CONF={spec.slurm_conf}); submit as the non-root user "
+            f"{spec.user} (account {spec.account})"
+        )
 
     emit(data, as_json, human)
     if foreground:
@@ -101,9 +107,15 @@ def down(prefix, as_json):
       sudo hpcfed testcluster down
     """
     stopped = _cluster(prefix).down()
-    emit({"stopped": stopped}, as_json,
-         lambda d: click.echo(f"stopped: {', '.join(d['stopped'])}" if d["stopped"]
-                              else "test cluster was not running: nothing to stop"))
+    emit(
+        {"stopped": stopped},
+        as_json,
+        lambda d: click.echo(
+            f"stopped: {', '.join(d['stopped'])}"
+            if d["stopped"]
+            else "test cluster was not running: nothing to stop"
+        ),
+    )
 
 
 @testcluster.command()
@@ -121,21 +133,61 @@ def status(prefix, as_json):
     def human(d):
         click.echo(f"test cluster at {d['prefix']}: {'UP' if d['up'] else 'DOWN'}")
         if d["daemons"]:
-            click.echo(table([(x["name"], x["pid"], "running" if x["running"] else "stopped")
-                              for x in d["daemons"]], ["DAEMON", "PID", "STATE"]))
+            click.echo(
+                table(
+                    [
+                        (x["name"], x["pid"], "running" if x["running"] else "stopped")
+                        for x in d["daemons"]
+                    ],
+                    ["DAEMON", "PID", "STATE"],
+                )
+            )
         if d["nodes"]:
             click.echo()
-            click.echo(table([(n["name"], n["state"], n["cpus"], n["memory_mb"], n["gres"])
-                              for n in d["nodes"]], ["NODE", "STATE", "CPUS", "MEM_MB", "GPUS"]))
+            click.echo(
+                table(
+                    [
+                        (n["name"], n["state"], n["cpus"], n["memory_mb"], n["gres"])
+                        for n in d["nodes"]
+                    ],
+                    ["NODE", "STATE", "CPUS", "MEM_MB", "GPUS"],
+                )
+            )
             click.echo()
-            click.echo(table([(p["name"] + ("*" if p["default"] else ""), p["priority_tier"],
-                               p["preempt_mode"], p["grace_time_s"]) for p in d["partitions"]],
-                             ["PARTITION", "TIER", "PREEMPT", "GRACE_S"]))
+            click.echo(
+                table(
+                    [
+                        (
+                            p["name"] + ("*" if p["default"] else ""),
+                            p["priority_tier"],
+                            p["preempt_mode"],
+                            p["grace_time_s"],
+                        )
+                        for p in d["partitions"]
+                    ],
+                    ["PARTITION", "TIER", "PREEMPT", "GRACE_S"],
+                )
+            )
             click.echo()
-            click.echo(table([(j["id"], j["user"], j["partition"], j["name"], j["state"], j["gres"],
-                               j["nodes"]) for j in d["jobs"]],
-                             ["JOBID", "USER", "PARTITION", "NAME", "STATE", "GRES", "NODES"])
-                       if d["jobs"] else "no jobs")
+            click.echo(
+                table(
+                    [
+                        (
+                            j["id"],
+                            j["user"],
+                            j["partition"],
+                            j["name"],
+                            j["state"],
+                            j["gres"],
+                            j["nodes"],
+                        )
+                        for j in d["jobs"]
+                    ],
+                    ["JOBID", "USER", "PARTITION", "NAME", "STATE", "GRES", "NODES"],
+                )
+                if d["jobs"]
+                else "no jobs"
+            )
 
     emit(info, as_json, human)
     if not info["up"]:
@@ -163,8 +215,14 @@ def env(prefix, as_json):
 
 
 @testcluster.command()
-@click.option("--output", "-o", type=click.Path(file_okay=False), default="hpcfed-testcluster",
-              show_default=True, help="Directory to write the compose recipe into.")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(file_okay=False),
+    default="hpcfed-testcluster",
+    show_default=True,
+    help="Directory to write the compose recipe into.",
+)
 def compose(output):
     """Write a docker-compose recipe of the same cluster, for laptops with Docker.
 
@@ -180,7 +238,11 @@ def compose(output):
     for name in ("Dockerfile", "docker-compose.yml"):
         shutil.copy(src / name, out / name)
     # The container runs this very package (pure-Python part) in the foreground.
-    shutil.copytree(PACKAGE_DIR, out / "hpcfed", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    shutil.copytree(
+        PACKAGE_DIR,
+        out / "hpcfed",
+        dirs_exist_ok=True,
+        ignore=shutil.ignore_patterns("__pycache__", "*.so"),
+    )
     click.echo(f"wrote {out}/Dockerfile, {out}/docker-compose.yml and {out}/hpcfed/")
     click.echo(f"start it with: cd {out} && docker compose up -d --build")

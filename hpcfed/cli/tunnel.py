@@ -1,4 +1,5 @@
 """`hpcfed tunnel` (the userspace WireGuard tunnel a job runs) and `hpcfed vpn` (its keys)."""
+
 from __future__ import annotations
 
 import re
@@ -24,16 +25,74 @@ def tunnel():
 
 
 @tunnel.command("up")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="WireGuard config (0600) with this peer's PrivateKey and the hub as [Peer].")
-@click.option("-L", "local", multiple=True, metavar="[BIND:]PORT=TUNNEL_IP:PORT", help="Listen on BIND:PORT (default 127.0.0.1) and carry each connection to TUNNEL_IP:PORT.")
-@click.option("-R", "remote", multiple=True, metavar="PORT=HOST:PORT", help="Carry connections arriving at this peer's tunnel address on PORT to HOST:PORT here.")
-@click.option("--ready-file", type=click.Path(dir_okay=False), help="Written (atomically) after the first handshake; removed on exit.")
-@click.option("--status-file", type=click.Path(dir_okay=False), help="Where to keep counters (default: the state dir, named after the config).")
-@click.option("--handshake-timeout", default=30.0, show_default=True, type=float, help="Seconds to wait for the first handshake before failing with exit 9.")
-@click.option("--liveness", default=60.0, show_default=True, type=float, help="Re-handshake after this many seconds without hearing from the hub.")
-@click.option("--allow-other-users", is_flag=True, help="Accept -L connections from other users of this node (refused by default).")
-@click.option("--buffer-kib", default=256, show_default=True, type=click.IntRange(16, 16384), help="TCP buffer per connection and direction.")
-def up(config_path, local, remote, ready_file, status_file, handshake_timeout, liveness, allow_other_users, buffer_kib):
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="WireGuard config (0600) with this peer's PrivateKey and the hub as [Peer].",
+)
+@click.option(
+    "-L",
+    "local",
+    multiple=True,
+    metavar="[BIND:]PORT=TUNNEL_IP:PORT",
+    help="Listen on BIND:PORT (default 127.0.0.1) and carry each connection to TUNNEL_IP:PORT.",
+)
+@click.option(
+    "-R",
+    "remote",
+    multiple=True,
+    metavar="PORT=HOST:PORT",
+    help="Carry connections arriving at this peer's tunnel address on PORT to HOST:PORT here.",
+)
+@click.option(
+    "--ready-file",
+    type=click.Path(dir_okay=False),
+    help="Written (atomically) after the first handshake; removed on exit.",
+)
+@click.option(
+    "--status-file",
+    type=click.Path(dir_okay=False),
+    help="Where to keep counters (default: the state dir, named after the config).",
+)
+@click.option(
+    "--handshake-timeout",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="Seconds to wait for the first handshake before failing with exit 9.",
+)
+@click.option(
+    "--liveness",
+    default=60.0,
+    show_default=True,
+    type=float,
+    help="Re-handshake after this many seconds without hearing from the hub.",
+)
+@click.option(
+    "--allow-other-users",
+    is_flag=True,
+    help="Accept -L connections from other users of this node (refused by default).",
+)
+@click.option(
+    "--buffer-kib",
+    default=256,
+    show_default=True,
+    type=click.IntRange(16, 16384),
+    help="TCP buffer per connection and direction.",
+)
+def up(
+    config_path,
+    local,
+    remote,
+    ready_file,
+    status_file,
+    handshake_timeout,
+    liveness,
+    allow_other_users,
+    buffer_kib,
+):
     """Run the tunnel in the foreground until SIGTERM/SIGINT.
 
     Exit codes: 0 stopped by a signal, 3 bad config or forward, 9 tunnel failure (e.g. "no UDP
@@ -50,12 +109,18 @@ def up(config_path, local, remote, ready_file, status_file, handshake_timeout, l
     cfg = config.load(config_path)
     lf = [forwards.parse_local(s) for s in local]
     rf = [forwards.parse_remote(s) for s in remote]
-    opts = runner.RunOptions(ready_file, status_file, handshake_timeout, liveness, allow_other_users, buffer_kib)
+    opts = runner.RunOptions(
+        ready_file, status_file, handshake_timeout, liveness, allow_other_users, buffer_kib
+    )
     runner.run(cfg, lf, rf, opts)
 
 
 @tunnel.command("status")
-@click.option("--status-file", type=click.Path(dir_okay=False), help="Read this status file instead of all in the state dir.")
+@click.option(
+    "--status-file",
+    type=click.Path(dir_okay=False),
+    help="Read this status file instead of all in the state dir.",
+)
 @json_option
 def status(status_file, as_json):
     """Show counters of running tunnels: bytes, handshakes, last handshake age, connections.
@@ -73,15 +138,47 @@ def status(status_file, as_json):
         if not items:
             click.echo("no tunnels")
             return
-        click.echo(table(
-            [(Path(i["status_file"]).stem, i["state"], i["address"], i["endpoint"], i["handshakes"],
-              "-" if i.get("last_handshake_age_s") is None else f"{i['last_handshake_age_s']:.0f}s",
-              i["tx_bytes"], i["rx_bytes"], i["connections_active"], i["connections_total"], i["connections_refused"])
-             for i in items],
-            ["NAME", "STATE", "ADDRESS", "HUB", "HANDSHAKES", "LAST HS", "TX", "RX", "CONNS", "TOTAL", "REFUSED"],
-        ))
+        click.echo(
+            table(
+                [
+                    (
+                        Path(i["status_file"]).stem,
+                        i["state"],
+                        i["address"],
+                        i["endpoint"],
+                        i["handshakes"],
+                        "-"
+                        if i.get("last_handshake_age_s") is None
+                        else f"{i['last_handshake_age_s']:.0f}s",
+                        i["tx_bytes"],
+                        i["rx_bytes"],
+                        i["connections_active"],
+                        i["connections_total"],
+                        i["connections_refused"],
+                    )
+                    for i in items
+                ],
+                [
+                    "NAME",
+                    "STATE",
+                    "ADDRESS",
+                    "HUB",
+                    "HANDSHAKES",
+                    "LAST HS",
+                    "TX",
+                    "RX",
+                    "CONNS",
+                    "TOTAL",
+                    "REFUSED",
+                ],
+            )
+        )
 
-    emit(rows if status_file is None else rows[0], as_json, human if status_file is None else (lambda d: human([d])))
+    emit(
+        rows if status_file is None else rows[0],
+        as_json,
+        human if status_file is None else (lambda d: human([d])),
+    )
 
 
 @click.group()
@@ -100,8 +197,17 @@ _INTERFACE_RE = re.compile(r"^\s*\[Interface\]\s*$", re.IGNORECASE | re.MULTILIN
 
 
 @vpn.command("keygen")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Put the private key into this peer config (from `hpcfed hub genconf`); made 0600.")
-@click.option("--private-key-file", type=click.Path(dir_okay=False), help="Write the private key here instead (0600). Default without --config: CONFIG_DIR/vpn/private.key.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Put the private key into this peer config (from `hpcfed hub genconf`); made 0600.",
+)
+@click.option(
+    "--private-key-file",
+    type=click.Path(dir_okay=False),
+    help="Write the private key here instead (0600). Default without --config: CONFIG_DIR/vpn/private.key.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing private key.")
 @json_option
 def keygen(config_path, private_key_file, force, as_json):
@@ -130,20 +236,36 @@ def keygen(config_path, private_key_file, force, as_json):
                 raise ConfigError(f"{path}: already has a PrivateKey (use --force to replace it)")
             text = _PRIVATE_RE.sub(lambda m: f"PrivateKey = {private}", text, count=1)
         else:
-            text = _INTERFACE_RE.sub(lambda m: f"{m.group(0)}\nPrivateKey = {private}", text, count=1)
+            text = _INTERFACE_RE.sub(
+                lambda m: f"{m.group(0)}\nPrivateKey = {private}", text, count=1
+            )
         write_private(path, text)
         target = path
     else:
-        target = Path(private_key_file) if private_key_file else private_mkdir(config_dir() / "vpn") / "private.key"
+        target = (
+            Path(private_key_file)
+            if private_key_file
+            else private_mkdir(config_dir() / "vpn") / "private.key"
+        )
         if target.exists() and not force:
             raise ConfigError(f"{target}: already exists (use --force to replace it)")
         write_private(target, private + "\n")
     public = keys.public_from_private(private)
-    emit({"public_key": public, "private_key_in": str(target)}, as_json, lambda d: click.echo(d["public_key"]))
+    emit(
+        {"public_key": public, "private_key_in": str(target)},
+        as_json,
+        lambda d: click.echo(d["public_key"]),
+    )
 
 
 @vpn.command("pubkey")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Peer config holding the PrivateKey.")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Peer config holding the PrivateKey.",
+)
 @json_option
 def pubkey(config_path, as_json):
     """Print the public key of the private key in a peer config.
@@ -155,4 +277,8 @@ def pubkey(config_path, as_json):
     from hpcfed.tunnel import config, keys
 
     cfg = config.load(config_path)
-    emit({"public_key": keys.public_from_private(cfg.private_key)}, as_json, lambda d: click.echo(d["public_key"]))
+    emit(
+        {"public_key": keys.public_from_private(cfg.private_key)},
+        as_json,
+        lambda d: click.echo(d["public_key"]),
+    )

@@ -10,6 +10,7 @@ Inside the container:
 drops the host environment: the role sees only what is passed as `APPTAINERENV_*`, which is the
 role's own variables plus the GPU selection and job identity Slurm gave the job.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 def _bind_path(path: str, what: str) -> str:
     # apptainer splits --bind specs on ',' and ':'; such a path cannot be bound as given.
     if not path or "," in path or ":" in path:
-        raise ConfigError(f"{what} {path!r}: a bind path must be non-empty and contain no ',' or ':'")
+        raise ConfigError(
+            f"{what} {path!r}: a bind path must be non-empty and contain no ',' or ':'"
+        )
     return path
 
 
@@ -116,7 +119,7 @@ def exec_argv(
 
 def find_apptainer(explicit: Optional[str] = None) -> str:
     """The apptainer (or singularity) binary to use, or EnvironmentProblem saying what to do."""
-    for name in ([explicit] if explicit else ["apptainer", "singularity"]):
+    for name in [explicit] if explicit else ["apptainer", "singularity"]:
         path = shutil.which(name)
         if path:
             return path

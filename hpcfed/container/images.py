@@ -5,6 +5,7 @@ arguments and where the SIF lands; `build_image` runs `apptainer build` (with `-
 normal user) into a temporary file and renames it into place, so a failed build never leaves a
 half-written image where a job would pick it up.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,11 @@ from hpcfed.paths import apptainer_defs_dir, data_dir
 ROLES = ("base", "client", "server")
 FRAMEWORKS = ("nvflare",)
 DEFAULT_BASE = "docker://python:3.11-slim"
-COMPRESSIONS = {"gzip": "-comp gzip", "zstd": "-comp zstd -Xcompression-level 3", "lz4": "-comp lz4"}
+COMPRESSIONS = {
+    "gzip": "-comp gzip",
+    "zstd": "-comp zstd -Xcompression-level 3",
+    "lz4": "-comp lz4",
+}
 LABEL_PREFIX = "org.hpcfed."
 
 # Linux capability numbers (include/uapi/linux/capability.h), to name the ones root lacks.
@@ -48,9 +53,14 @@ class BuildPlan:
 
     def to_dict(self) -> dict:
         return {
-            "role": self.role, "framework": self.framework, "version": self.version,
-            "definition": self.definition, "base": base_reference(self.bootstrap, self.base_from),
-            "output": self.output, "fakeroot": self.fakeroot, "compression": self.compression,
+            "role": self.role,
+            "framework": self.framework,
+            "version": self.version,
+            "definition": self.definition,
+            "base": base_reference(self.bootstrap, self.base_from),
+            "output": self.output,
+            "fakeroot": self.fakeroot,
+            "compression": self.compression,
             "build_args": dict(self.build_args),
         }
 
@@ -59,11 +69,11 @@ def parse_base(base: str) -> tuple[str, str]:
     """`docker://img`, `oras://ref`, `library://ref`, `localimage:/path` or a local path → (agent, from)."""
     for scheme in ("docker", "oras", "library"):
         if base.startswith(f"{scheme}://"):
-            ref = base[len(scheme) + 3:]
+            ref = base[len(scheme) + 3 :]
             if not ref:
                 raise ConfigError(f"--base {base!r}: no image after {scheme}://")
             return scheme, ref
-    path = base[len("localimage:"):] if base.startswith("localimage:") else base
+    path = base[len("localimage:") :] if base.startswith("localimage:") else base
     if not path or "://" in path:
         raise ConfigError(
             f"--base {base!r}: expected docker://IMAGE, localimage:/path/to/base.sif or a local SIF/sandbox path"
@@ -89,9 +99,13 @@ def definition_path(role: str, framework: Optional[str]) -> Path:
 
 def host_ca_bundle(environ) -> Optional[str]:
     """The CA bundle this host trusts, so pip in %post trusts the same (site TLS proxies)."""
-    for candidate in (environ.get("PIP_CERT"), environ.get("SSL_CERT_FILE"),
-                      environ.get("REQUESTS_CA_BUNDLE"), "/etc/ssl/certs/ca-certificates.crt",
-                      "/etc/pki/tls/certs/ca-bundle.crt"):
+    for candidate in (
+        environ.get("PIP_CERT"),
+        environ.get("SSL_CERT_FILE"),
+        environ.get("REQUESTS_CA_BUNDLE"),
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ):
         if candidate and os.path.isfile(candidate):
             return candidate
     return None
@@ -116,24 +130,37 @@ def plan_build(
         if framework not in FRAMEWORKS:
             raise ConfigError(f"--framework {framework!r}: expected one of {', '.join(FRAMEWORKS)}")
         if not version or not all(c.isalnum() or c in ".-+" for c in version):
-            raise ConfigError(f"--version {version!r}: give the framework's exact version, e.g. 2.9.0")
+            raise ConfigError(
+                f"--version {version!r}: give the framework's exact version, e.g. 2.9.0"
+            )
     else:
         framework = version = None
     if compression not in COMPRESSIONS:
-        raise ConfigError(f"--compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}")
+        raise ConfigError(
+            f"--compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}"
+        )
     bootstrap, base_from = parse_base(base or DEFAULT_BASE)
-    args = {"BOOTSTRAP": bootstrap, "FROM": base_from, "BASE": base_reference(bootstrap, base_from),
-            "HPCFED_VERSION": hpcfed_version}
+    args = {
+        "BOOTSTRAP": bootstrap,
+        "FROM": base_from,
+        "BASE": base_reference(bootstrap, base_from),
+        "HPCFED_VERSION": hpcfed_version,
+    }
     if role != "base":
         args["FRAMEWORK_VERSION"] = version
         if ca_bundle:
             args["CA_BUNDLE"] = ca_bundle
     return BuildPlan(
-        role=role, framework=framework, version=version,
+        role=role,
+        framework=framework,
+        version=version,
         definition=str(definition_path(role, framework)),
-        bootstrap=bootstrap, base_from=base_from,
+        bootstrap=bootstrap,
+        base_from=base_from,
         output=str(Path(image_dir) / image_name(role, framework, version)),
-        fakeroot=not as_root, compression=compression, build_args=args,
+        fakeroot=not as_root,
+        compression=compression,
+        build_args=args,
     )
 
 
@@ -193,8 +220,15 @@ def build_image(
             env["APPTAINER_DROP_CAPS"] = ",".join(missing)
     argv = build_argv(plan, apptainer, tmp)
     tail: list[str] = []
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, errors="replace", stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -211,9 +245,13 @@ def build_image(
     if rc != 0:
         _remove(tmp)
         if plan.version and any("No matching distribution found" in l for l in tail):
-            raise ConfigError(f"--version {plan.version}: {plan.framework}=={plan.version} is not on the "
-                              "package index (pip: No matching distribution found)")
-        reason = next((l for l in reversed(tail) if "FATAL" in l or "ERROR" in l), tail[-1] if tail else "")
+            raise ConfigError(
+                f"--version {plan.version}: {plan.framework}=={plan.version} is not on the "
+                "package index (pip: No matching distribution found)"
+            )
+        reason = next(
+            (l for l in reversed(tail) if "FATAL" in l or "ERROR" in l), tail[-1] if tail else ""
+        )
         raise HpcfedError(f"apptainer build of {plan.role} failed (exit {rc}): {reason.strip()}")
     os.replace(tmp, plan.output)
     return describe_image(plan.output, apptainer)
@@ -227,8 +265,12 @@ def _remove(path: str) -> None:
 
 
 def image_labels(path: str, apptainer: str) -> dict:
-    proc = subprocess.run([apptainer, "inspect", "--labels", "--json", path],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [apptainer, "inspect", "--labels", "--json", path],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     if proc.returncode != 0:
         return {}
     try:
@@ -275,5 +317,7 @@ def resolve_image_dir(explicit: Optional[str], site_name: Optional[str]) -> tupl
         site = load_site(site_name)
         configured = getattr(site.profile.apptainer, "image_dir", None)
         if configured:
-            return os.path.abspath(os.path.expanduser(configured)), f"site {site_name} (apptainer.image_dir)"
+            return os.path.abspath(
+                os.path.expanduser(configured)
+            ), f"site {site_name} (apptainer.image_dir)"
     return default_image_dir(), "default"

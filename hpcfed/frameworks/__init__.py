@@ -1,8 +1,9 @@
 """The data-driven table of frameworks and their roles (roles.yaml next to this file)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -25,7 +26,7 @@ class Role:
     template: str
 
 
-@lru_cache(maxsize=None)
+@cache
 def table() -> Dict[str, Dict[str, Role]]:
     data = yaml.safe_load(TABLE.read_text()) or {}
     out: Dict[str, Dict[str, Role]] = {}
@@ -57,9 +58,7 @@ def role(framework: str, name: str) -> Role:
         raise ConfigError(f"--framework {framework}: unknown framework (known: {', '.join(t)})")
     roles = t[framework]
     if name not in roles:
-        raise ConfigError(
-            f"role {name!r}: not a role of {framework} (known: {', '.join(roles)})"
-        )
+        raise ConfigError(f"role {name!r}: not a role of {framework} (known: {', '.join(roles)})")
     return roles[name]
 
 

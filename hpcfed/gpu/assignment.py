@@ -4,12 +4,19 @@ Slurm exports SLURM_JOB_GPUS (SLURM_STEP_GPUS in a step): its own gres indices o
 CUDA_VISIBLE_DEVICES: what CUDA should enumerate. With cgroup device constraints the latter is
 renumbered from 0 while the former keeps the node's numbering, so the two are never assumed equal.
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
 
-VARIABLES = ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS", "SLURM_GPUS_ON_NODE",
-             "GPU_DEVICE_ORDINAL", "CUDA_DEVICE_ORDER")
+VARIABLES = (
+    "CUDA_VISIBLE_DEVICES",
+    "SLURM_STEP_GPUS",
+    "SLURM_JOB_GPUS",
+    "SLURM_GPUS_ON_NODE",
+    "GPU_DEVICE_ORDINAL",
+    "CUDA_DEVICE_ORDER",
+)
 _NONE = ("", "NoDevFiles", "-1")  # Slurm writes NoDevFiles when a gres has no device file
 
 

@@ -9,6 +9,7 @@ Where NVML cannot be loaded (no NVIDIA driver: login nodes, the test cluster's f
 says it is skipping and why; the profile's `preflight.allow_without_nvml` decides if that passes.
 The pynvml module (nvidia-ml-py) is the only boundary to the driver: tests replace it.
 """
+
 from __future__ import annotations
 
 import os
@@ -48,7 +49,9 @@ def _optional(nvml, fn, *args):
         return None
 
 
-def _select(nvml, assignment: dict, all_if_unassigned: bool) -> tuple[list[tuple[str, Any]], list[str]]:
+def _select(
+    nvml, assignment: dict, all_if_unassigned: bool
+) -> tuple[list[tuple[str, Any]], list[str]]:
     """(label, handle) for each assigned GPU, and problems for the ones NVML cannot find."""
     count = nvml.nvmlDeviceGetCount()
     every = [(str(i), nvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
@@ -73,7 +76,7 @@ def _select(nvml, assignment: dict, all_if_unassigned: bool) -> tuple[list[tuple
     if slurm:
         # NVML sees the whole node: Slurm's indices follow gres.conf's File=/dev/nvidiaN order.
         by_minor = {}
-        for label, handle in every:
+        for _label, handle in every:
             minor = _optional(nvml, nvml.nvmlDeviceGetMinorNumber, handle)
             if minor is not None:
                 by_minor[str(minor)] = handle
@@ -81,21 +84,32 @@ def _select(nvml, assignment: dict, all_if_unassigned: bool) -> tuple[list[tuple
             if index in by_minor:
                 selected.append((f"nvidia{index}", by_minor[index]))
             else:
-                problems.append(f"GPU {index} ({assignment['slurm_variable']}) is not visible to NVML "
-                                f"(NVML sees {count} GPU(s))")
+                problems.append(
+                    f"GPU {index} ({assignment['slurm_variable']}) is not visible to NVML "
+                    f"(NVML sees {count} GPU(s))"
+                )
         return selected, problems
     for index in cuda:
         if index.isdigit() and int(index) < count:
             selected.append((index, every[int(index)][1]))
         else:
-            problems.append(f"GPU {index} (CUDA_VISIBLE_DEVICES) is not visible to NVML (NVML sees {count} GPU(s))")
+            problems.append(
+                f"GPU {index} (CUDA_VISIBLE_DEVICES) is not visible to NVML (NVML sees {count} GPU(s))"
+            )
     if len(selected) + len(problems) < wanted:
         problems.append(f"the job was given {wanted} GPU(s) but NVML sees {count}")
     return selected, problems
 
 
-def _check_device(nvml, label: str, handle, *, min_memory_mib: Optional[int], ecc_threshold: int,
-                  own_pids: set[int]) -> dict:
+def _check_device(
+    nvml,
+    label: str,
+    handle,
+    *,
+    min_memory_mib: Optional[int],
+    ecc_threshold: int,
+    own_pids: set[int],
+) -> dict:
     gpu: dict[str, Any] = {"id": label, "problems": []}
     problems = gpu["problems"]
     try:
@@ -122,23 +136,37 @@ def _check_device(nvml, label: str, handle, *, min_memory_mib: Optional[int], ec
             problems.append("remapped memory rows are pending: the GPU needs a reset")
         if remap_failed:
             problems.append("a memory row remap failed: the GPU should be replaced")
-    ecc = _optional(nvml, nvml.nvmlDeviceGetTotalEccErrors, handle,
-                    nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nvml.NVML_VOLATILE_ECC)
+    ecc = _optional(
+        nvml,
+        nvml.nvmlDeviceGetTotalEccErrors,
+        handle,
+        nvml.NVML_MEMORY_ERROR_TYPE_UNCORRECTED,
+        nvml.NVML_VOLATILE_ECC,
+    )
     gpu["ecc_uncorrected_volatile"] = ecc
     if ecc is not None and ecc > ecc_threshold:
-        problems.append(f"{ecc} uncorrected ECC error(s) since the driver loaded (threshold {ecc_threshold})")
+        problems.append(
+            f"{ecc} uncorrected ECC error(s) since the driver loaded (threshold {ecc_threshold})"
+        )
 
     procs = []
-    for query in (nvml.nvmlDeviceGetComputeRunningProcesses, nvml.nvmlDeviceGetGraphicsRunningProcesses):
+    for query in (
+        nvml.nvmlDeviceGetComputeRunningProcesses,
+        nvml.nvmlDeviceGetGraphicsRunningProcesses,
+    ):
         for p in _optional(nvml, query, handle) or []:
             if p.pid not in own_pids and p.pid not in [q["pid"] for q in procs]:
                 used = getattr(p, "usedGpuMemory", None)
                 procs.append({"pid": p.pid, "used_mib": None if used is None else used // MIB})
     gpu["processes"] = procs
     if procs:
-        problems.append(f"busy: {len(procs)} other process(es) use it (pid {', '.join(str(p['pid']) for p in procs)})")
+        problems.append(
+            f"busy: {len(procs)} other process(es) use it (pid {', '.join(str(p['pid']) for p in procs)})"
+        )
     if min_memory_mib is not None and gpu["memory_free_mib"] < min_memory_mib:
-        problems.append(f"{gpu['memory_free_mib']} MiB free, the profile expects at least {min_memory_mib} MiB")
+        problems.append(
+            f"{gpu['memory_free_mib']} MiB free, the profile expects at least {min_memory_mib} MiB"
+        )
     gpu["ok"] = not problems
     return gpu
 
@@ -158,8 +186,14 @@ def inspect_gpus(
     """
     assignment = read_assignment(os.environ if env is None else env)
     report: dict[str, Any] = {
-        "assignment": assignment, "nvml": False, "skipped": None, "driver_version": None,
-        "min_memory_mib": min_memory_mib, "ecc_threshold": ecc_threshold, "gpus": [], "problems": [],
+        "assignment": assignment,
+        "nvml": False,
+        "skipped": None,
+        "driver_version": None,
+        "min_memory_mib": min_memory_mib,
+        "ecc_threshold": ecc_threshold,
+        "gpus": [],
+        "problems": [],
     }
     try:
         nvml = nvml or _load_nvml()
@@ -175,8 +209,14 @@ def inspect_gpus(
         report["problems"].extend(problems)
         own = {os.getpid(), os.getppid()}
         for label, handle in selected:
-            gpu = _check_device(nvml, label, handle, min_memory_mib=min_memory_mib,
-                                ecc_threshold=ecc_threshold, own_pids=own)
+            gpu = _check_device(
+                nvml,
+                label,
+                handle,
+                min_memory_mib=min_memory_mib,
+                ecc_threshold=ecc_threshold,
+                own_pids=own,
+            )
             report["gpus"].append(gpu)
             report["problems"].extend(f"GPU {label}: {p}" for p in gpu["problems"])
     except nvml.NVMLError as exc:
@@ -206,13 +246,19 @@ def run_preflight(
     if report["skipped"]:
         report["ok"] = allow_without_nvml
         if not allow_without_nvml:
-            _fail(report, f"GPU preflight cannot run: {report['skipped'][len('skipping: '):]} "
-                          "(the site profile requires it: preflight.allow_without_nvml is false)")
+            _fail(
+                report,
+                f"GPU preflight cannot run: {report['skipped'][len('skipping: ') :]} "
+                "(the site profile requires it: preflight.allow_without_nvml is false)",
+            )
         return report
     if not report["ok"]:
         shown = report["problems"][:3]
         more = len(report["problems"]) - len(shown)
-        _fail(report, "GPU preflight failed: " + "; ".join(shown) + (f" (and {more} more)" if more else ""))
+        _fail(
+            report,
+            "GPU preflight failed: " + "; ".join(shown) + (f" (and {more} more)" if more else ""),
+        )
     return report
 
 

@@ -6,6 +6,7 @@ Layout (dir 0700, files holding secrets 0600):
   peers.json               every peer: type, id, address, psk, public keys
   peers/TYPE/ID/wg.conf    the config to hand to that site (no private key: the site adds its own)
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -47,7 +48,13 @@ class Peer:
     keys: list = field(default_factory=list)
 
     def public(self) -> dict:
-        return {"type": self.type, "id": self.id, "address": self.address, "prefix": str(PREFIXES[self.type]), "keys": list(self.keys)}
+        return {
+            "type": self.type,
+            "id": self.id,
+            "address": self.address,
+            "prefix": str(PREFIXES[self.type]),
+            "keys": list(self.keys),
+        }
 
 
 @dataclass
@@ -74,9 +81,13 @@ class Registry:
     def exists(self) -> bool:
         return (self.dir / "hub.json").is_file()
 
-    def init(self, endpoint: str, interface: str, listen_port: int, keepalive: int, force: bool) -> Hub:
+    def init(
+        self, endpoint: str, interface: str, listen_port: int, keepalive: int, force: bool
+    ) -> Hub:
         if self.exists() and not force:
-            raise ConfigError(f"{self.dir}: a hub is already initialised here (use --force to replace its key)")
+            raise ConfigError(
+                f"{self.dir}: a hub is already initialised here (use --force to replace its key)"
+            )
         private_mkdir(self.dir)
         private = keys.generate_private()
         write_private(self.dir / "private.key", private + "\n")
@@ -90,7 +101,9 @@ class Registry:
         try:
             return Hub(**json.loads((self.dir / "hub.json").read_text()))
         except FileNotFoundError:
-            raise NotFound(f"{self.dir}: no hub here; run `hpcfed hub init --endpoint HOST:PORT` first") from None
+            raise NotFound(
+                f"{self.dir}: no hub here; run `hpcfed hub init --endpoint HOST:PORT` first"
+            ) from None
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{self.dir / 'hub.json'}: unreadable ({exc})") from None
 
@@ -108,14 +121,18 @@ class Registry:
             raise ConfigError(f"{self.dir / 'peers.json'}: unreadable ({exc})") from None
 
     def _save_peers(self, peers: list[Peer]) -> None:
-        write_private(self.dir / "peers.json", json.dumps([asdict(p) for p in peers], indent=2) + "\n")
+        write_private(
+            self.dir / "peers.json", json.dumps([asdict(p) for p in peers], indent=2) + "\n"
+        )
 
     def get(self, type_: str, id_: str) -> Peer:
         check_type_id(type_, id_)
         for p in self.peers():
             if p.type == type_ and p.id == id_:
                 return p
-        raise NotFound(f"no peer {type_} {id_} in {self.dir}; create its config with `hpcfed hub genconf {type_} {id_}`")
+        raise NotFound(
+            f"no peer {type_} {id_} in {self.dir}; create its config with `hpcfed hub genconf {type_} {id_}`"
+        )
 
     def conf_path(self, type_: str, id_: str) -> Path:
         return self.dir / "peers" / type_ / id_ / "wg.conf"
@@ -125,10 +142,14 @@ class Registry:
         hub = self.hub()
         peers = self.peers()
         if any(p.type == type_ and p.id == id_ for p in peers):
-            raise ConfigError(f"peer {type_} {id_} already has a config ({self.conf_path(type_, id_)}); `hpcfed hub removeconf {type_} {id_}` first")
+            raise ConfigError(
+                f"peer {type_} {id_} already has a config ({self.conf_path(type_, id_)}); `hpcfed hub removeconf {type_} {id_}` first"
+            )
         used = {ipaddress.ip_address(p.address) for p in peers} | {HUB_ADDRESS.ip}
         net = PREFIXES[type_]
-        address = next((ip for ip in net.hosts() if ip not in used and int(ip) & 0xFF not in (0, 255)), None)
+        address = next(
+            (ip for ip in net.hosts() if ip not in used and int(ip) & 0xFF not in (0, 255)), None
+        )
         if address is None:
             raise ConfigError(f"no free address left in {net} for type {type_}")
         peer = Peer(type_, id_, str(address), keys.generate_psk(), [])

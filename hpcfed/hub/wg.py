@@ -3,6 +3,7 @@
 Secrets go to `wg` on stdin (`private-key /dev/stdin`), never on the command line. Kernel
 WireGuard is used when the kernel has it; otherwise wireguard-go (userspace, needs /dev/net/tun).
 """
+
 from __future__ import annotations
 
 import shutil
@@ -14,18 +15,27 @@ from hpcfed.errors import EnvironmentProblem
 from hpcfed.hub.registry import HUB_ADDRESS, Hub, Peer
 
 
-def _run(argv: Sequence[str], input: Optional[str] = None, check: bool = True) -> subprocess.CompletedProcess:
+def _run(
+    argv: Sequence[str], input: Optional[str] = None, check: bool = True
+) -> subprocess.CompletedProcess:
     if shutil.which(argv[0]) is None:
-        raise EnvironmentProblem(f"`{argv[0]}` is not installed (hub needs wireguard-tools and iproute2)")
+        raise EnvironmentProblem(
+            f"`{argv[0]}` is not installed (hub needs wireguard-tools and iproute2)"
+        )
     proc = subprocess.run(list(argv), input=input, capture_output=True, text=True, timeout=60)
     if check and proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
-        raise EnvironmentProblem(f"`{' '.join(argv)}` failed: {msg[-1] if msg else proc.returncode}")
+        raise EnvironmentProblem(
+            f"`{' '.join(argv)}` failed: {msg[-1] if msg else proc.returncode}"
+        )
     return proc
 
 
 def is_live(interface: str) -> bool:
-    return shutil.which("wg") is not None and _run(["wg", "show", interface], check=False).returncode == 0
+    return (
+        shutil.which("wg") is not None
+        and _run(["wg", "show", interface], check=False).returncode == 0
+    )
 
 
 def up(hub: Hub, private_key: str, peers: Sequence[Peer], userspace: bool = False) -> str:
@@ -33,7 +43,18 @@ def up(hub: Hub, private_key: str, peers: Sequence[Peer], userspace: bool = Fals
     impl = "existing"
     if not is_live(hub.interface):
         impl = _create(hub.interface, userspace)
-    _run(["wg", "set", hub.interface, "private-key", "/dev/stdin", "listen-port", str(hub.listen_port)], input=private_key + "\n")
+    _run(
+        [
+            "wg",
+            "set",
+            hub.interface,
+            "private-key",
+            "/dev/stdin",
+            "listen-port",
+            str(hub.listen_port),
+        ],
+        input=private_key + "\n",
+    )
     addrs = _run(["ip", "-o", "-4", "addr", "show", "dev", hub.interface]).stdout
     if str(HUB_ADDRESS) not in addrs:
         _run(["ip", "addr", "add", str(HUB_ADDRESS), "dev", hub.interface])
@@ -45,7 +66,10 @@ def up(hub: Hub, private_key: str, peers: Sequence[Peer], userspace: bool = Fals
 
 
 def _create(interface: str, userspace: bool) -> str:
-    if not userspace and _run(["ip", "link", "add", interface, "type", "wireguard"], check=False).returncode == 0:
+    if (
+        not userspace
+        and _run(["ip", "link", "add", interface, "type", "wireguard"], check=False).returncode == 0
+    ):
         return "kernel"
     if shutil.which("wireguard-go") is None:
         raise EnvironmentProblem("no kernel WireGuard here and wireguard-go is not installed")
@@ -80,7 +104,17 @@ def live_peers(interface: str) -> dict[str, dict]:
 
 
 def set_peer(hub: Hub, peer: Peer, key: str) -> None:
-    argv = ["wg", "set", hub.interface, "peer", key, "preshared-key", "/dev/stdin", "allowed-ips", f"{peer.address}/32"]
+    argv = [
+        "wg",
+        "set",
+        hub.interface,
+        "peer",
+        key,
+        "preshared-key",
+        "/dev/stdin",
+        "allowed-ips",
+        f"{peer.address}/32",
+    ]
     if hub.keepalive:
         argv += ["persistent-keepalive", str(hub.keepalive)]
     _run(argv, input=peer.psk + "\n")

@@ -4,6 +4,7 @@ The dashboard zips with `zip -rq -P <pin>` (classic ZipCrypto, which `zipfile` d
 are written one by one with O_EXCL and mode 0600: no absolute paths, no `..`, no links, and a
 size cap, so a hostile or broken archive cannot write outside the target or fill the disk.
 """
+
 from __future__ import annotations
 
 import io
@@ -48,16 +49,22 @@ def unpack_kit(data: bytes, target: Path, pin: Optional[str], label: str = "kit"
         raise KitError(f"the {label} download is a damaged zip archive ({exc})") from None
     members = archive.infolist()
     if len(members) > MAX_MEMBERS or sum(m.file_size for m in members) > MAX_TOTAL_BYTES:
-        raise KitError(f"the {label} archive is implausibly large for a startup kit; refusing to unpack it")
+        raise KitError(
+            f"the {label} archive is implausibly large for a startup kit; refusing to unpack it"
+        )
     for info in members:
         parts = _safe_parts(info.filename)
         if parts is None:
-            raise KitError(f"the {label} archive holds an unsafe path {info.filename!r}; refusing to unpack it")
+            raise KitError(
+                f"the {label} archive holds an unsafe path {info.filename!r}; refusing to unpack it"
+            )
         if not parts:
             continue
         mode = info.external_attr >> 16
         if stat.S_ISLNK(mode):
-            raise KitError(f"the {label} archive holds a symbolic link {info.filename!r}; refusing to unpack it")
+            raise KitError(
+                f"the {label} archive holds a symbolic link {info.filename!r}; refusing to unpack it"
+            )
         dest = target.joinpath(*parts)
         if info.is_dir():
             dest.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -4,6 +4,7 @@
 kit, so `hpcfed kit verify` can list every problem at once. `require_ok` turns a failed report
 into a KitError for the commands that must stop.
 """
+
 from __future__ import annotations
 
 import base64
@@ -186,7 +187,9 @@ def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> b
                 public_key.verify(
                     base64.b64decode(sig),
                     Path(folder, name).read_bytes(),
-                    padding.PSS(mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH),
+                    padding.PSS(
+                        mgf=padding.MGF1(hashes.SHA256()), salt_length=padding.PSS.MAX_LENGTH
+                    ),
                     hashes.SHA256(),
                 )
             except (InvalidSignature, ValueError):
@@ -214,7 +217,9 @@ def verify_kit(
                 report.errors.append(f"{rel} is a symbolic link; a kit holds only plain files")
     role = detect_role(kit)
     if role is None:
-        report.errors.append(f"{kit}/startup holds none of fed_client.json, fed_server.json, fed_admin.json")
+        report.errors.append(
+            f"{kit}/startup holds none of fed_client.json, fed_server.json, fed_admin.json"
+        )
         return report
     config, cert_name, key_name = ROLE_FILES[role]
     startup = kit / "startup"
@@ -244,13 +249,19 @@ def verify_kit(
         matches = key.public_key().public_bytes(*spki) == leaf.public_key().public_bytes(*spki)
         report.checks["key_matches"] = matches
         if not matches:
-            report.errors.append(f"startup/{key_name} is not the private key of startup/{cert_name}")
+            report.errors.append(
+                f"startup/{key_name} is not the private key of startup/{cert_name}"
+            )
         mode = os.stat(startup / key_name).st_mode
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            report.warnings.append(f"startup/{key_name} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it")
+            report.warnings.append(
+                f"startup/{key_name} is readable by others (mode {oct(mode & 0o777)}): chmod 600 it"
+            )
     except (OSError, ValueError, TypeError) as exc:
         report.checks["key_matches"] = False
-        report.errors.append(f"startup/{key_name} is not a readable unencrypted private key ({exc})")
+        report.errors.append(
+            f"startup/{key_name} is not a readable unencrypted private key ({exc})"
+        )
 
     # 3. the certificate names the expected site / server / user
     name = _cn(leaf.subject) or ""
@@ -269,9 +280,13 @@ def verify_kit(
             report.errors.append(f"{label} expired on {_not_after(cert):%Y-%m-%d}: pull a new kit")
         elif _not_before(cert) > now:
             report.checks["valid_now"] = False
-            report.errors.append(f"{label} is not valid before {_not_before(cert):%Y-%m-%d %H:%M} UTC (clock skew?)")
+            report.errors.append(
+                f"{label} is not valid before {_not_before(cert):%Y-%m-%d %H:%M} UTC (clock skew?)"
+            )
         elif _not_after(cert) - now < EXPIRY_WARNING:
-            report.warnings.append(f"{label} expires on {_not_after(cert):%Y-%m-%d}: pull a new kit soon")
+            report.warnings.append(
+                f"{label} expires on {_not_after(cert):%Y-%m-%d}: pull a new kit soon"
+            )
 
     # 5. trust on first use: the root is the one pinned for this federation
     root_fp = fingerprint(root)

@@ -5,6 +5,7 @@ and under /api/v1 before; tokens last 30 minutes and carry the approval state of
 login; several failures answer HTTP 200 (`{"status": "not approved yet"}`), so a download counts
 only when the body is a zip.
 """
+
 from __future__ import annotations
 
 import base64
@@ -33,7 +34,9 @@ def normalise_url(url: str) -> str:
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise KitError(f"dashboard URL {url!r} is not an http(s) URL (e.g. https://dashboard.example.org)")
+        raise KitError(
+            f"dashboard URL {url!r} is not an http(s) URL (e.g. https://dashboard.example.org)"
+        )
     for base in API_BASES:
         if url.endswith(base):
             url = url[: -len(base)]
@@ -68,7 +71,14 @@ class Dashboard:
         self.api = self._detect_api()
 
     # --- plumbing -------------------------------------------------------------------------
-    def _request(self, method: str, path: str, login: Optional[Login] = None, base: Optional[str] = None, **kw):
+    def _request(
+        self,
+        method: str,
+        path: str,
+        login: Optional[Login] = None,
+        base: Optional[str] = None,
+        **kw,
+    ):
         headers = {"Authorization": f"Bearer {login.token}"} if login else {}
         url = self.url + (base if base is not None else self.api) + path
         try:
@@ -76,7 +86,9 @@ class Dashboard:
         except requests.exceptions.SSLError as exc:
             raise KitError(f"TLS check of dashboard {self.url} failed: {exc}") from None
         except requests.RequestException as exc:
-            raise KitError(f"cannot reach the dashboard at {self.url}: {type(exc).__name__}") from None
+            raise KitError(
+                f"cannot reach the dashboard at {self.url}: {type(exc).__name__}"
+            ) from None
 
     @staticmethod
     def _json(resp) -> Dict[str, Any]:
@@ -98,7 +110,9 @@ class Dashboard:
 
     def _auth_failed(self, resp, login: Login, action: str) -> None:
         if resp.status_code in (401, 422):
-            raise KitError(f"the dashboard rejected the login of {login.email} while trying to {action}; log in again")
+            raise KitError(
+                f"the dashboard rejected the login of {login.email} while trying to {action}; log in again"
+            )
         if resp.status_code == 403:
             status = self._json(resp).get("status", "")
             if "approved" in status:
@@ -106,7 +120,9 @@ class Dashboard:
                     f"the dashboard account {login.email} is not approved yet: "
                     f"ask the project admin to approve it at {self.url}, then pull again"
                 )
-            raise KitError(f"the dashboard does not allow {login.email} to {action} (HTTP 403 {status})")
+            raise KitError(
+                f"the dashboard does not allow {login.email} to {action} (HTTP 403 {status})"
+            )
 
     # --- API ------------------------------------------------------------------------------
     def project(self) -> Dict[str, Any]:
@@ -116,7 +132,9 @@ class Dashboard:
         resp = self._request("POST", "/login", json={"email": email, "password": password})
         data = self._json(resp)
         if resp.status_code == 401 or data.get("status") == "unauthenticated":
-            raise KitError(f"the dashboard at {self.url} refused the login of {email}: wrong e-mail or password")
+            raise KitError(
+                f"the dashboard at {self.url} refused the login of {email}: wrong e-mail or password"
+            )
         if resp.status_code != 200 or "access_token" not in data:
             raise KitError(f"login at {self.url} failed: HTTP {resp.status_code}")
         user = data.get("user") or {}
@@ -141,7 +159,9 @@ class Dashboard:
                 return site
         return None
 
-    def register_site(self, login: Login, name: str, org: str, gpus: int, mem_per_gpu_gib: int) -> Dict[str, Any]:
+    def register_site(
+        self, login: Login, name: str, org: str, gpus: int, mem_per_gpu_gib: int
+    ) -> Dict[str, Any]:
         body = {
             "name": name,
             "organization": org,
@@ -157,7 +177,9 @@ class Dashboard:
             raise KitError(f"registering site {name!r} failed: HTTP {resp.status_code}")
         return self._json(resp).get("client") or {}
 
-    def download(self, login: Login, role: str, pin: str, site: Optional[Dict[str, Any]] = None) -> bytes:
+    def download(
+        self, login: Login, role: str, pin: str, site: Optional[Dict[str, Any]] = None
+    ) -> bytes:
         """The kit zip for a client site, the server, or the logged-in admin user."""
         if role == "client":
             path, who = f"/clients/{site['id']}/blob", f"site {site.get('name')!r}"
@@ -182,7 +204,9 @@ class Dashboard:
         if resp.status_code == 404:
             raise NotFound(f"{who} does not exist on {self.url}")
         if resp.status_code >= 500 and not self.project().get("frozen"):
-            raise KitError(f"project on {self.url} is not frozen yet: ask the project admin to freeze it, then pull again")
+            raise KitError(
+                f"project on {self.url} is not frozen yet: ask the project admin to freeze it, then pull again"
+            )
         ctype = resp.headers.get("Content-Type", "?")
         raise KitError(
             f"the dashboard answered the kit download for {who} with HTTP {resp.status_code} ({ctype}), not a zip"

@@ -3,6 +3,7 @@
 Nothing is installed unless every check passed: the kit is unpacked and verified in a private
 staging directory, which is removed whatever happens; only a kit that passed is moved into place.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -24,7 +25,9 @@ class PullPlan:
     """What `hpcfed kit pull` will do; built from flags, holds no secret."""
 
     dashboard: str
-    site: Optional[str]  # client: the dashboard site name; server/admin: the label to store it under
+    site: Optional[
+        str
+    ]  # client: the dashboard site name; server/admin: the label to store it under
     role: str = "client"
     email: str = ""
     org: Optional[str] = None
@@ -68,14 +71,24 @@ def _check_pin(report: KitReport, dashboard: Optional[str], repin: bool) -> str:
 
 
 def _install_checked(
-    kit_root: Path, site: str, expected_name: Optional[str], dashboard: Optional[str], repin: bool, what: str
+    kit_root: Path,
+    site: str,
+    expected_name: Optional[str],
+    dashboard: Optional[str],
+    repin: bool,
+    what: str,
 ) -> PullResult:
     report = verify_kit(kit_root, expected_name=expected_name)
     require_ok(report, what)
     pinned = _check_pin(report, dashboard, repin)
     kit = store.install_kit(kit_root, report.facts, site=site, dashboard=dashboard)
     if pinned != "kept":
-        store.set_pin(report.facts.federation, report.facts.root_fingerprint, report.facts.federation, dashboard)
+        store.set_pin(
+            report.facts.federation,
+            report.facts.root_fingerprint,
+            report.facts.federation,
+            dashboard,
+        )
     return PullResult(kit=kit, report=report, pinned=pinned)
 
 
@@ -102,9 +115,13 @@ def pull_kit(plan: PullPlan, password: str, progress: Progress = lambda m: None)
                 )
             org = plan.org or login.organization
             if not org:
-                raise KitError("registering a site needs --org ORG (your organisation on the dashboard)")
+                raise KitError(
+                    "registering a site needs --org ORG (your organisation on the dashboard)"
+                )
             progress(f"registering site {plan.site} ({plan.gpus or 0} GPU(s), organisation {org})")
-            site_entry = dash.register_site(login, plan.site, org, plan.gpus or 0, plan.mem_per_gpu_gib)
+            site_entry = dash.register_site(
+                login, plan.site, org, plan.gpus or 0, plan.mem_per_gpu_gib
+            )
             if int(site_entry.get("approval_state", 0)) < 100:
                 raise KitError(
                     f"site {plan.site!r} is registered and waits for approval: ask the project admin to "
@@ -117,10 +134,14 @@ def pull_kit(plan: PullPlan, password: str, progress: Progress = lambda m: None)
     else:
         expected, label = login.email, plan.store_as or plan.site or login.email
     if not label:
-        raise KitError(f"cannot tell which name to store the {plan.role} kit under: pass --site NAME")
+        raise KitError(
+            f"cannot tell which name to store the {plan.role} kit under: pass --site NAME"
+        )
     store.check_name("site", label)
 
-    progress(f"downloading the {plan.role} kit{f' of site {plan.site}' if plan.role == 'client' else ''}")
+    progress(
+        f"downloading the {plan.role} kit{f' of site {plan.site}' if plan.role == 'client' else ''}"
+    )
     pin = new_pin()
     data = dash.download(login, plan.role, pin, site=site_entry)
     staging = store.staging_dir()
@@ -152,7 +173,9 @@ def import_kit(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def verify_with_pin(path: str, expected_name: Optional[str] = None, use_pin: bool = True) -> Tuple[KitReport, bool]:
+def verify_with_pin(
+    path: str, expected_name: Optional[str] = None, use_pin: bool = True
+) -> Tuple[KitReport, bool]:
     """`hpcfed kit verify`: all checks, the pin looked up by the kit's own federation name."""
     report = verify_kit(path, expected_name=expected_name)
     pinned = False
@@ -160,7 +183,9 @@ def verify_with_pin(path: str, expected_name: Optional[str] = None, use_pin: boo
         pin = store.get_pin(report.facts.federation)
         if pin is not None:
             pinned = True
-            report = verify_kit(path, expected_name=expected_name, pinned_fingerprint=pin["fingerprint"])
+            report = verify_kit(
+                path, expected_name=expected_name, pinned_fingerprint=pin["fingerprint"]
+            )
         else:
             report.warnings.append(
                 f"no root CA pinned for federation {report.facts.federation!r} yet (pinned at the first pull)"

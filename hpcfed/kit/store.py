@@ -12,6 +12,7 @@ A new kit is unpacked and checked in a staging directory on the same filesystem,
 into versions/, and only then does `current` switch, by renaming a new symlink over the old one
 (atomic on POSIX): a reader sees the old kit or the new one, never half of either.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ from typing import Dict, List, Optional
 from hpcfed import paths
 from hpcfed.errors import ConfigError, KitError, NotFound
 from hpcfed.kit.checks import METADATA, KitFacts
+
 ROLES = ("client", "server", "admin")
 _NAME = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
 
@@ -64,7 +66,9 @@ def pins_dir() -> Path:
 
 def check_name(kind: str, value: str) -> str:
     if not _NAME.match(value or ""):
-        raise ConfigError(f"{kind} {value!r} is not a valid name (letters, digits, . _ - @ +; no slashes)")
+        raise ConfigError(
+            f"{kind} {value!r} is not a valid name (letters, digits, . _ - @ +; no slashes)"
+        )
     return value
 
 
@@ -107,7 +111,7 @@ def _write_private(path: Path, data: str) -> None:
 
 def make_private(root: Path) -> None:
     """Directories 0700; files 0600 (0700 for the kit's shell scripts)."""
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o700)
         for name in files:
             p = os.path.join(folder, name)
@@ -175,7 +179,11 @@ def install_kit(
 
 def _prune(base: Path) -> None:
     """Keep only the versions `current` and `previous` point to."""
-    keep = {os.path.basename(os.readlink(base / n)) for n in ("current", "previous") if (base / n).is_symlink()}
+    keep = {
+        os.path.basename(os.readlink(base / n))
+        for n in ("current", "previous")
+        if (base / n).is_symlink()
+    }
     for entry in (base / "versions").iterdir():
         if entry.name not in keep:
             shutil.rmtree(entry, ignore_errors=True)
@@ -185,7 +193,9 @@ def rollback(federation: str, role: str, site: str) -> InstalledKit:
     """Swap `current` and `previous` (undo the last pull)."""
     base = _site_dir(federation, role, site)
     if not (base / "previous").is_symlink():
-        raise NotFound(f"no previous {role} kit for site {site!r} of federation {federation!r} to roll back to")
+        raise NotFound(
+            f"no previous {role} kit for site {site!r} of federation {federation!r} to roll back to"
+        )
     with _locked(base):
         cur, prev = os.readlink(base / "current"), os.readlink(base / "previous")
         _swap_link(base / "current", prev)
@@ -247,7 +257,9 @@ def set_default(site: str, role: str, federation: str) -> InstalledKit:
     """Make the kit of `federation` the one used for `site` and `role` (`hpcfed kit use`)."""
     base = _site_dir(federation, role, site)
     if not (base / "current").is_symlink():
-        raise NotFound(f"no {role} kit for site {site!r} of federation {federation!r}; see `hpcfed kit list`")
+        raise NotFound(
+            f"no {role} kit for site {site!r} of federation {federation!r}; see `hpcfed kit list`"
+        )
     defaults = _defaults()
     defaults[f"{role}/{site}"] = federation
     paths.private_mkdir(kits_dir())
@@ -284,7 +296,9 @@ def get_pin(federation: str) -> Optional[Dict]:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise KitError(f"the pin file for federation {federation!r} is unreadable ({exc}); remove it to re-pin") from None
+        raise KitError(
+            f"the pin file for federation {federation!r} is unreadable ({exc}); remove it to re-pin"
+        ) from None
 
 
 def pins_for_dashboard(dashboard: str) -> List[Dict]:
@@ -309,5 +323,7 @@ def set_pin(federation: str, fingerprint: str, subject: str, dashboard: Optional
         "pinned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     paths.private_mkdir(pins_dir())
-    _write_private(pins_dir() / f"{check_name('federation', federation)}.json", json.dumps(pin, indent=2))
+    _write_private(
+        pins_dir() / f"{check_name('federation', federation)}.json", json.dumps(pin, indent=2)
+    )
     return pin

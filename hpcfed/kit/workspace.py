@@ -11,6 +11,7 @@ looks successful. A kit declaring MORE GPUs than the job has is therefore an err
 is harmless (NVFlare schedules FL jobs within the declared count, the extra GPUs stay idle) and
 allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ def _resources(kit: Path) -> dict:
 
 def _point_storage_inside(resources: dict, storage: Path) -> dict:
     """Server job and snapshot storage default to /tmp/nvflare: move them into the workspace."""
-    snapshot = resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    snapshot = (
+        resources.get("snapshot_persistor", {}).get("args", {}).get("storage", {}).get("args")
+    )
     if isinstance(snapshot, dict):
         snapshot["root_dir"] = str(storage / "snapshot")
     for comp in resources.get("components", []):
@@ -79,8 +82,14 @@ def _replace_dir(src: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int,
-                      gpus_without_driver: bool = False, listen_port: Optional[int] = None) -> str:
+def prepare_workspace(
+    kit_dir: str,
+    workdir: str,
+    role: str,
+    gpus: int,
+    gpus_without_driver: bool = False,
+    listen_port: Optional[int] = None,
+) -> str:
     """Build (or refresh) `<workdir>/nvflare/<role>` from the kit; return the workspace path.
 
     `gpus_without_driver`: the job's GPUs are real to Slurm but NVML cannot see them (the site
@@ -91,7 +100,9 @@ def prepare_workspace(kit_dir: str, workdir: str, role: str, gpus: int,
     kit = Path(kit_dir)
     found = detect_role(kit)
     if found is None:
-        raise KitError(f"{kit_dir} is not an NVFlare startup kit (no startup/{ROLE_FILES[role][0]})")
+        raise KitError(
+            f"{kit_dir} is not an NVFlare startup kit (no startup/{ROLE_FILES[role][0]})"
+        )
     if found != role:
         raise KitError(f"{kit_dir} is a {found} kit, but this job runs the {role} role")
     # checked at pull time too, but a job may start months later: an expired certificate or a

@@ -4,6 +4,7 @@ Precedence, lowest first: schema defaults < bundled profile < user profile
 ($XDG_CONFIG_HOME/hpcfed/sites/NAME.yaml) < environment (HPCFED_SITE__KEY__PATH=value) < flags.
 Dicts merge key by key; lists and scalars are replaced whole.
 """
+
 from __future__ import annotations
 
 import os
@@ -57,8 +58,6 @@ class LoadedSite:
         return out
 
 
-
-
 def bundled_path(name: str) -> Path:
     return paths.bundled_site_profiles_dir() / f"{name}.yaml"
 
@@ -95,7 +94,9 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a site profile must be a mapping of keys, not {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: a site profile must be a mapping of keys, not {type(data).__name__}"
+        )
     return data
 
 
@@ -105,7 +106,7 @@ def env_layer(environ: Mapping[str, str]) -> Optional[Layer]:
     for var, raw in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or len(var) == len(ENV_PREFIX):
             continue
-        raw_keys = var[len(ENV_PREFIX):].split("__")
+        raw_keys = var[len(ENV_PREFIX) :].split("__")
         keys = [k.lower() for k in raw_keys]
         if keys[:2] == ["scheduler", "env"]:  # variable names keep their case
             keys = keys[:2] + raw_keys[2:]
@@ -117,7 +118,9 @@ def env_layer(environ: Mapping[str, str]) -> Optional[Layer]:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"environment {var}: conflicts with another HPCFED_SITE__ variable")
+                raise ConfigError(
+                    f"environment {var}: conflicts with another HPCFED_SITE__ variable"
+                )
         node[keys[-1]] = value
     return Layer("environment", data) if data else None
 

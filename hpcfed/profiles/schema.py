@@ -3,6 +3,7 @@
 Validation is pydantic's (extra keys forbidden, strict-ish types); hpcfed.profiles.loader turns
 its errors into one line naming the file and the key path.
 """
+
 from __future__ import annotations
 
 import re
@@ -70,7 +71,9 @@ class ApptainerSettings(_Strict):
     binary: str = "apptainer"
     binds: List[str] = []
     gpu_flag: Optional[Literal["nv", "rocm"]] = "nv"
-    image_dir: Optional[str] = None  # where `hpcfed image build` stores SIFs; None = data dir/images
+    image_dir: Optional[str] = (
+        None  # where `hpcfed image build` stores SIFs; None = data dir/images
+    )
 
 
 class PreemptionSettings(_Strict):
@@ -155,4 +158,3 @@ class SiteProfile(_Strict):
             if "\n" in line:
                 raise ValueError("one shell line per list item")
         return v
-

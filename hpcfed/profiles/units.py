@@ -1,4 +1,5 @@
 """Durations and memory sizes as users write them in profiles and flags, and as Slurm wants them."""
+
 from __future__ import annotations
 
 import re

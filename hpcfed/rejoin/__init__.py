@@ -9,6 +9,7 @@ lock (exclusive create, NFS-safe) is taken without waiting, the record is re-rea
 scheduler asked again under it, and a newer job carrying the deployment's marker is adopted
 instead of submitting another.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -56,8 +57,10 @@ def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, s
     if info.active:
         return "ok", f"job {dep.job_id} {info.state}"
     if info.state not in LOST_STATES:
-        return "ended", (f"job {dep.job_id} {info.state}: the role ended by itself; not resubmitted "
-                         f"(`hpcfed submit` to start it again)")
+        return "ended", (
+            f"job {dep.job_id} {info.state}: the role ended by itself; not resubmitted "
+            f"(`hpcfed submit` to start it again)"
+        )
     policy = dep.plan.get("rejoin") or {}
     backoff = int(policy.get("backoff", 30))
     max_backoff = int(policy.get("max_backoff", 1800))
@@ -65,19 +68,25 @@ def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, s
     window = int(policy.get("window", 21600))
     recent = recent_resubmits(dep, window, now)
     if len(recent) >= cap:
-        return "gave-up", (f"job {dep.job_id} {info.state}, but already {len(recent)} resubmissions "
-                           f"in the last {window // 60} min; `hpcfed submit` to start it again")
+        return "gave-up", (
+            f"job {dep.job_id} {info.state}, but already {len(recent)} resubmissions "
+            f"in the last {window // 60} min; `hpcfed submit` to start it again"
+        )
     if recent:
         wait = min(backoff * 2 ** (len(recent) - 1), max_backoff)
         due = recent[-1] + wait
         if now < due:
             at = datetime.datetime.fromtimestamp(due).strftime("%H:%M:%S")
-            return "backoff", f"job {dep.job_id} {info.state}; next try after {at} (backoff {wait}s)"
+            return (
+                "backoff",
+                f"job {dep.job_id} {info.state}; next try after {at} (backoff {wait}s)",
+            )
     return "resubmit", f"job {dep.job_id} {info.state}"
 
 
-def _resubmit(store: DeploymentStore, name: str, now: Callable[[], float], dry_run: bool,
-              progress) -> Outcome:
+def _resubmit(
+    store: DeploymentStore, name: str, now: Callable[[], float], dry_run: bool, progress
+) -> Outcome:
     """Under the deployment's lock: re-read, re-ask, adopt or submit, record."""
     from hpcfed import deploy
     from hpcfed.plan import Plan
@@ -102,15 +111,23 @@ def _resubmit(store: DeploymentStore, name: str, now: Callable[[], float], dry_r
                 # role that finished by itself from one that was lost.
                 report = _exit_report(runner, plan, dep.job_id)
                 if report and report.get("reason") == "role exited":
-                    return Outcome(name, "ended", (
-                        f"job {dep.job_id} left no scheduler record, but its role exited by itself "
-                        f"(code {report.get('exit_code')}); not resubmitted"), dep.job_id)
+                    return Outcome(
+                        name,
+                        "ended",
+                        (
+                            f"job {dep.job_id} left no scheduler record, but its role exited by itself "
+                            f"(code {report.get('exit_code')}); not resubmitted"
+                        ),
+                        dep.job_id,
+                    )
             newer = scheduler.find(plan.job_name, plan.comment)
             if newer and int(newer) > int(dep.job_id):
                 ninfo = scheduler.query([newer])[newer]
                 if ninfo.active:
                     deploy.record_job(dep, newer, by="adopted")
-                    dep.add_event("adopted", f"job {newer} ({ninfo.state}) carries this deployment's marker")
+                    dep.add_event(
+                        "adopted", f"job {newer} ({ninfo.state}) carries this deployment's marker"
+                    )
                     store.put(dep)
                     return Outcome(name, "adopted", f"job {newer} {ninfo.state}", dep.job_id, newer)
             if dry_run:
@@ -141,8 +158,13 @@ def _exit_report(runner, plan, job_id: str) -> Optional[dict]:
         return None
 
 
-def reconcile(store: Optional[DeploymentStore] = None, *, dry_run: bool = False,
-              now: Callable[[], float] = None, progress=lambda m: None) -> List[Outcome]:
+def reconcile(
+    store: Optional[DeploymentStore] = None,
+    *,
+    dry_run: bool = False,
+    now: Callable[[], float] = None,
+    progress=lambda m: None,
+) -> List[Outcome]:
     """One rejoin pass over every deployment of the user."""
     import time
 

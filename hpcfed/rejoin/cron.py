@@ -1,6 +1,7 @@
 """The periodic `hpcfed rejoin` entry in scrontab (preferred: Slurm runs it once cluster-wide,
 no login-node crontab) or the user's crontab. Installing replaces our own block, so it is
 idempotent; other entries are kept as they are."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 from typing import List, Optional
 

@@ -3,6 +3,7 @@
 Both runners have the same small interface, so the scheduler backends never know which one they
 use. Relative paths are relative to the (cluster) home directory, where commands also run.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,5 @@
 """Commands on this machine (the login node itself, or the local test cluster)."""
+
 from __future__ import annotations
 
 import os
@@ -20,14 +21,25 @@ class LocalRunner:
         p = Path(os.path.expanduser(path))
         return p if p.is_absolute() else self.home / p
 
-    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
-            input: Optional[str] = None, timeout: float = 30) -> Result:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        input: Optional[str] = None,
+        timeout: float = 30,
+    ) -> Result:
         full_env = dict(os.environ)
         full_env.update(env or {})
         try:
             proc = subprocess.run(
-                list(argv), env=full_env, input=input, capture_output=True, text=True,
-                timeout=timeout, cwd=str(self.home) if self.home.is_dir() else None,
+                list(argv),
+                env=full_env,
+                input=input,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                cwd=str(self.home) if self.home.is_dir() else None,
             )
         except FileNotFoundError:
             raise EnvironmentProblem(f"{argv[0]}: command not found on this machine") from None

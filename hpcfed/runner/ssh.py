@@ -5,6 +5,7 @@ Host keys are checked against known_hosts and an unknown host is refused unless 
 One connection serves every command of an hpcfed invocation; scripts go over the channel's stdin
 and files come back over SFTP, so nothing is copied around by hand.
 """
+
 from __future__ import annotations
 
 import os
@@ -50,9 +51,15 @@ class SshRunner:
             raise EnvironmentProblem(f"scheduler.ssh.key: {key}: no such file")
         try:
             client.connect(
-                s.host, port=s.port, username=self.user, key_filename=key,
-                allow_agent=True, look_for_keys=key is None, timeout=self._connect_timeout,
-                banner_timeout=self._connect_timeout, auth_timeout=self._connect_timeout,
+                s.host,
+                port=s.port,
+                username=self.user,
+                key_filename=key,
+                allow_agent=True,
+                look_for_keys=key is None,
+                timeout=self._connect_timeout,
+                banner_timeout=self._connect_timeout,
+                auth_timeout=self._connect_timeout,
             )
         except paramiko.BadHostKeyException:
             raise EnvironmentProblem(
@@ -75,8 +82,14 @@ class SshRunner:
         self._client = client
         return client
 
-    def run(self, argv: Sequence[str], *, env: Optional[Mapping[str, str]] = None,
-            input: Optional[str] = None, timeout: float = 30) -> Result:
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Optional[Mapping[str, str]] = None,
+        input: Optional[str] = None,
+        timeout: float = 30,
+    ) -> Result:
         # Environment goes in the command line (sshd's AcceptEnv is rarely open); it holds
         # scheduler settings like SLURM_CONF, never secrets.
         prefix = ["env"] + [f"{k}={v}" for k, v in (env or {}).items()] if env else []
@@ -91,7 +104,9 @@ class SshRunner:
             err = stderr.read().decode(errors="replace")
             code = stdout.channel.recv_exit_status()
         except socket.timeout:
-            raise SchedulerUnavailable(f"{self.where}: {argv[0]} did not answer within {timeout:g}s") from None
+            raise SchedulerUnavailable(
+                f"{self.where}: {argv[0]} did not answer within {timeout:g}s"
+            ) from None
         except Exception as exc:  # paramiko.SSHException, EOFError on a dropped connection
             raise SchedulerUnavailable(f"{self.where}: SSH command failed: {exc}") from None
         if code == 127 and "not found" in err:
@@ -110,7 +125,7 @@ class SshRunner:
                 return f.read()
         except FileNotFoundError:
             raise
-        except IOError as exc:
+        except OSError as exc:
             if getattr(exc, "errno", None) == 2:
                 raise FileNotFoundError(path) from None
             raise SchedulerUnavailable(f"{self.where}: cannot read {path}: {exc}") from None

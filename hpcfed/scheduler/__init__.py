@@ -3,15 +3,27 @@
 A backend answers for many jobs with one call (status polling is batched), and an answer it
 could not get is SchedulerUnavailable - the caller then says *unknown*, never *gone*.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, asdict
+from dataclasses import asdict, dataclass
 from typing import Dict, Iterable, Optional, Protocol
 
 # Slurm states grouped by what they mean for a deployment.
 ACTIVE_STATES = {
-    "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
-    "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD",
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESV_DEL_HOLD",
 }
 # Our own states: the scheduler answered but has no record of the job (accounting off or purged).
 GONE = "GONE"

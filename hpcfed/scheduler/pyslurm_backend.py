@@ -4,6 +4,7 @@ No pyslurm release matches Slurm 22.05 (our clusters and CI), so this backend is
 by the test suite; the Slurm CLI backend is the default and the tested one. It talks to the
 local slurmctld only (pyslurm is a C binding), so it cannot run over SSH.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, Optional
@@ -40,8 +41,11 @@ class PyslurmScheduler(SlurmCli):
         for job_id, job in loaded.items():
             if str(job_id) in ids:
                 out[str(job_id)] = JobInfo(
-                    job_id=str(job_id), state=str(job.state), reason=str(job.state_reason or ""),
-                    name=str(job.name or ""), source="pyslurm",
+                    job_id=str(job_id),
+                    state=str(job.state),
+                    reason=str(job.state_reason or ""),
+                    name=str(job.name or ""),
+                    source="pyslurm",
                 )
         for j in ids - set(out):
             out[j] = JobInfo(job_id=j, state=GONE, reason="no record", source="-")

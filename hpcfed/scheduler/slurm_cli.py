@@ -4,6 +4,7 @@ Command builders and output parsers are pure functions (tested on canned output)
 runs them through a runner (local or SSH). Status is one squeue call for all jobs, plus one sacct
 call for those squeue no longer knows.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,8 +24,11 @@ UNREACHABLE = re.compile(
     r"Unable to establish connection|Transport endpoint|slurm_load_jobs error: Unexpected",
     re.I,
 )
-NO_ACCOUNTING = re.compile(r"accounting storage is disabled|Problem talking to the database|"
-                           r"slurmdbd", re.I)
+NO_ACCOUNTING = re.compile(
+    r"accounting storage is disabled|Problem talking to the database|"
+    r"slurmdbd",
+    re.I,
+)
 
 
 def submit_command(job_name: str, comment: str) -> List[str]:
@@ -42,8 +46,13 @@ def parse_submit(stdout: str) -> str:
 
 
 def squeue_command(job_ids: Iterable[str]) -> List[str]:
-    return ["squeue", "--noheader", "--states=all", f"--format={SQUEUE_FIELDS}",
-            f"--jobs={','.join(job_ids)}"]
+    return [
+        "squeue",
+        "--noheader",
+        "--states=all",
+        f"--format={SQUEUE_FIELDS}",
+        f"--jobs={','.join(job_ids)}",
+    ]
 
 
 def parse_squeue(stdout: str) -> Dict[str, JobInfo]:
@@ -55,15 +64,27 @@ def parse_squeue(stdout: str) -> Dict[str, JobInfo]:
         job_id, state, reason, name, node, elapsed = parts[:6]
         state = state.strip().upper().split()[0] if state.strip() else "UNKNOWN"
         jobs[job_id.strip()] = JobInfo(
-            job_id=job_id.strip(), state=state, reason="" if reason == "None" else reason,
-            name=name, node=node, elapsed=elapsed, source="squeue",
+            job_id=job_id.strip(),
+            state=state,
+            reason="" if reason == "None" else reason,
+            name=name,
+            node=node,
+            elapsed=elapsed,
+            source="squeue",
         )
     return jobs
 
 
 def sacct_command(job_ids: Iterable[str]) -> List[str]:
-    return ["sacct", "--noheader", "--parsable2", "--allocations", "--duplicates",
-            f"--format={SACCT_FIELDS}", f"--jobs={','.join(job_ids)}"]
+    return [
+        "sacct",
+        "--noheader",
+        "--parsable2",
+        "--allocations",
+        "--duplicates",
+        f"--format={SACCT_FIELDS}",
+        f"--jobs={','.join(job_ids)}",
+    ]
 
 
 def parse_sacct(stdout: str) -> Dict[str, JobInfo]:
@@ -77,8 +98,13 @@ def parse_sacct(stdout: str) -> Dict[str, JobInfo]:
         # "CANCELLED by 0" -> CANCELLED
         state = state.strip().upper().split()[0] if state.strip() else "UNKNOWN"
         jobs[job_id] = JobInfo(
-            job_id=job_id, state=state, reason="" if reason == "None" else reason, name=name,
-            node="" if node == "None assigned" else node, elapsed=elapsed, exit_code=exit_code,
+            job_id=job_id,
+            state=state,
+            reason="" if reason == "None" else reason,
+            name=name,
+            node="" if node == "None assigned" else node,
+            elapsed=elapsed,
+            exit_code=exit_code,
             source="sacct",
         )
     return jobs
@@ -166,14 +192,19 @@ class SlurmCli:
                 raise SchedulerUnavailable(f"sacct on {self.runner.where}: {_error_text(res)}")
         for j in ids:
             if j not in jobs:
-                reason = "no record (ended; accounting off)" if self.accounting is False else "no record"
+                reason = (
+                    "no record (ended; accounting off)" if self.accounting is False else "no record"
+                )
                 jobs[j] = JobInfo(job_id=j, state=GONE, reason=reason, source="-")
         return jobs
 
     def cancel(self, job_id: str, signal: Optional[str] = None) -> None:
         res = self._run(cancel_command(job_id, signal))
-        if res.returncode != 0 and "Invalid job id" not in res.stderr and \
-                "already completing or completed" not in res.stderr:
+        if (
+            res.returncode != 0
+            and "Invalid job id" not in res.stderr
+            and "already completing or completed" not in res.stderr
+        ):
             raise SubmitRejected(f"scancel {job_id} on {self.runner.where}: {_error_text(res)}")
 
     def find(self, job_name: str, comment: str) -> Optional[str]:
@@ -191,7 +222,7 @@ class SlurmCli:
             )
         return res.stdout.strip().splitlines()[0]
 
-    def check(self, argv) -> "object":
+    def check(self, argv) -> object:
         """Run any read-only scheduler command (doctor)."""
         return self._run(argv)
 

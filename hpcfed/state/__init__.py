@@ -5,6 +5,7 @@ no flock. Every write goes to a unique temporary file in the same directory and 
 the record (rename is atomic on NFS too); read-modify-write sequences take a lease lock made by
 an exclusive create (see lock.py).
 """
+
 from hpcfed.state.store import Deployment, DeploymentStore
 
 __all__ = ["Deployment", "DeploymentStore"]

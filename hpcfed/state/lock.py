@@ -1,6 +1,7 @@
 """An NFS-safe lock: exclusive create of a lock file, with a lease so a crashed holder's lock
 expires instead of blocking forever. A stale lock is broken by renaming it to a unique name
 (atomic), so two processes that both see it stale cannot both take it over."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,9 @@ def lease_lock(path: Path, lease: float = 60.0, wait: float = 30.0, poll: float 
                 _break_stale(path, lease)
                 continue
             if time.monotonic() > deadline:
-                raise EnvironmentProblem(f"{path}: held by another hpcfed for {age:.0f}s; try again")
+                raise EnvironmentProblem(
+                    f"{path}: held by another hpcfed for {age:.0f}s; try again"
+                ) from None
             time.sleep(poll)
             continue
         with os.fdopen(fd, "w") as f:

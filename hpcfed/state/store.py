@@ -1,4 +1,5 @@
 """The deployment store: name -> record (plan, jobs, events, stopped flag)."""
+
 from __future__ import annotations
 
 import json
@@ -51,17 +52,38 @@ class Deployment:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
-            "name": self.name, "deployment_id": self.deployment_id, "site": self.site,
-            "role": self.role, "framework": self.framework, "plan": self.plan,
-            "jobs": self.jobs, "events": self.events, "stopped": self.stopped,
+            "name": self.name,
+            "deployment_id": self.deployment_id,
+            "site": self.site,
+            "role": self.role,
+            "framework": self.framework,
+            "plan": self.plan,
+            "jobs": self.jobs,
+            "events": self.events,
+            "stopped": self.stopped,
             "created_at": self.created_at,
         }
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "Deployment":
-        return cls(**{k: d[k] for k in (
-            "name", "deployment_id", "site", "role", "framework", "plan", "jobs", "events",
-            "stopped", "created_at") if k in d})
+    def from_dict(cls, d: Dict[str, Any]) -> Deployment:
+        return cls(
+            **{
+                k: d[k]
+                for k in (
+                    "name",
+                    "deployment_id",
+                    "site",
+                    "role",
+                    "framework",
+                    "plan",
+                    "jobs",
+                    "events",
+                    "stopped",
+                    "created_at",
+                )
+                if k in d
+            }
+        )
 
 
 class DeploymentStore:

@@ -9,6 +9,7 @@ The parts come from other packages (hpcfed.gpu, hpcfed.container, hpcfed.kit, `h
 each import is guarded so a part that is not installed is skipped with a log line - unless the
 plan asks for it, then the job fails with a clear message.
 """
+
 from hpcfed.supervisor.run import run_plan
 
 __all__ = ["run_plan"]

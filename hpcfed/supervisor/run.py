@@ -1,4 +1,5 @@
 """The supervisor's one job, step by step (see the package docstring)."""
+
 from __future__ import annotations
 
 import json
@@ -42,12 +43,23 @@ class Supervisor:
     def event(self, kind: str, detail: str = "") -> None:
         """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
         One short line per write with O_APPEND, so concurrent writers never interleave."""
-        line = json.dumps({
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": kind, "detail": detail,
-            "job_id": self.job_id, "restart": self.restart, "source": "job",
-        }) + "\n"
+        line = (
+            json.dumps(
+                {
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "event": kind,
+                    "detail": detail,
+                    "job_id": self.job_id,
+                    "restart": self.restart,
+                    "source": "job",
+                }
+            )
+            + "\n"
+        )
         try:
-            fd = os.open(self.workdir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(
+                self.workdir / "events.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600
+            )
             try:
                 os.write(fd, line.encode())
             finally:
@@ -104,10 +116,17 @@ class Supervisor:
             raise KitError("the plan has a kit but hpcfed.kit.workspace is not installed") from None
         no_driver = bool(self.preflight_report and self.preflight_report.get("skipped"))
         if no_driver:
-            log("GPUs without a driver (allowed by the site profile): NVFlare will not count host GPUs")
-        ws = prepare_workspace(self.plan.kit, str(self.workdir), self.plan.role,
-                               self.plan.resources.gpus, gpus_without_driver=no_driver,
-                               listen_port=self.plan.tunnel.listen_port if self.plan.tunnel else None)
+            log(
+                "GPUs without a driver (allowed by the site profile): NVFlare will not count host GPUs"
+            )
+        ws = prepare_workspace(
+            self.plan.kit,
+            str(self.workdir),
+            self.plan.role,
+            self.plan.resources.gpus,
+            gpus_without_driver=no_driver,
+            listen_port=self.plan.tunnel.listen_port if self.plan.tunnel else None,
+        )
         log(f"workspace: {ws}")
         return Path(ws)
 
@@ -119,12 +138,20 @@ class Supervisor:
         try:
             from hpcfed.container.apptainer import exec_argv
         except ImportError:
-            raise HpcfedError("the plan has an image but hpcfed.container is not installed") from None
+            raise HpcfedError(
+                "the plan has an image but hpcfed.container is not installed"
+            ) from None
         c = self.plan.container
         gpu_flag = c.gpu_flag if self.plan.resources.gpus > 0 else None
         argv, env = exec_argv(
-            apptainer=c.apptainer, image=self.plan.image, command=command, gpu_flag=gpu_flag,
-            binds=list(c.binds), kit_dir=self.plan.kit, workspace=str(ws), env={},
+            apptainer=c.apptainer,
+            image=self.plan.image,
+            command=command,
+            gpu_flag=gpu_flag,
+            binds=list(c.binds),
+            kit_dir=self.plan.kit,
+            workspace=str(ws),
+            env={},
             hosts_file=self.hosts_file(),
         )
         return list(argv), dict(env)
@@ -144,16 +171,19 @@ class Supervisor:
 
     def start_role(self, ws: Path) -> None:
         if self.plan.tunnel and self.plan.tunnel.hosts and not self.plan.image:
-            log("warning: without a container image the server name resolves through the node's "
-                "own /etc/hosts, not to the tunnel; use --image")
+            log(
+                "warning: without a container image the server name resolves through the node's "
+                "own /etc/hosts, not to the tunnel; use --image"
+            )
         argv, extra_env = self.role_argv(ws)
         env = dict(os.environ)
         env.update(extra_env)
         env["HPCFED_DEPLOYMENT"] = self.plan.name
         log(f"starting {self.plan.framework} {self.plan.role} in {ws}: {' '.join(argv)}")
         # Own process group: signals go to the role and everything it started.
-        self.role = subprocess.Popen(argv, cwd=str(ws), env=env, stdin=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.role = subprocess.Popen(
+            argv, cwd=str(ws), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        )
 
     # (5) signals
     def on_signal(self, signum, _frame) -> None:
@@ -184,8 +214,12 @@ class Supervisor:
         if self.plan.stop_command:
             log(f"graceful stop: {' '.join(self.plan.stop_command)}")
             try:
-                subprocess.run(list(self.plan.stop_command), cwd=str(self.workdir),
-                               timeout=max(1, grace // 2), stdin=subprocess.DEVNULL)
+                subprocess.run(
+                    list(self.plan.stop_command),
+                    cwd=str(self.workdir),
+                    timeout=max(1, grace // 2),
+                    stdin=subprocess.DEVNULL,
+                )
             except (OSError, subprocess.TimeoutExpired) as exc:
                 log(f"graceful stop failed: {exc}")
             if self._wait_role(max(1, grace // 2)):
@@ -209,8 +243,13 @@ class Supervisor:
             self.event("not-requeued", "requeue not allowed by the site profile")
             return False
         try:
-            res = subprocess.run(["scontrol", "requeue", self.job_id], capture_output=True,
-                                 text=True, timeout=30, stdin=subprocess.DEVNULL)
+            res = subprocess.run(
+                ["scontrol", "requeue", self.job_id],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                stdin=subprocess.DEVNULL,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             log(f"scontrol requeue failed: {exc}")
             self.event("requeue-failed", str(exc))
@@ -258,7 +297,10 @@ class Supervisor:
     # (6) report
     def report(self, code: int, reason: str) -> None:
         record = {
-            "job_id": self.job_id, "restart": self.restart, "exit_code": code, "reason": reason,
+            "job_id": self.job_id,
+            "restart": self.restart,
+            "exit_code": code,
+            "reason": reason,
             "ended_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         path = self.workdir / f"status-{self.job_id}.json"
@@ -268,13 +310,22 @@ class Supervisor:
         log(f"role ended: exit code {code} ({reason})")
 
     def run(self) -> int:
-        log(f"deployment {self.plan.name} ({self.plan.deployment_id}) job {self.job_id} "
+        log(
+            f"deployment {self.plan.name} ({self.plan.deployment_id}) job {self.job_id} "
             f"restart {self.restart} on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}; "
-            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
-        for sig in {signal.SIGTERM, signal.SIGINT, getattr(signal, f"SIG{self.plan.preemption.signal}")}:
+            f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '')}"
+        )
+        for sig in {
+            signal.SIGTERM,
+            signal.SIGINT,
+            getattr(signal, f"SIG{self.plan.preemption.signal}"),
+        }:
             signal.signal(sig, self.on_signal)
-        self.event("started" if self.restart == 0 else "running-again",
-                   f"on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}" + (f", restart {self.restart}" if self.restart else ""))
+        self.event(
+            "started" if self.restart == 0 else "running-again",
+            f"on {os.environ.get('SLURMD_NODENAME') or os.uname().nodename}"
+            + (f", restart {self.restart}" if self.restart else ""),
+        )
         try:
             try:
                 self.preflight_report = self.preflight()
@@ -311,7 +362,9 @@ class Supervisor:
             self.report(code, self.stop_reason or "role exited")
             if self.stop_reason:
                 took = time.monotonic() - self.stop_started
-                self.event("role-stopped", f"{self.stop_reason}; role exit {code} after {took:.1f}s")
+                self.event(
+                    "role-stopped", f"{self.stop_reason}; role exit {code} after {took:.1f}s"
+                )
                 if self.stop_signal == getattr(signal, f"SIG{self.plan.preemption.signal}"):
                     if not self.requeue():
                         self.wait_for_the_end(self.plan.preemption.lead_time + 120)
@@ -328,6 +381,10 @@ def run_plan(plan_path: str) -> int:
         plan = Plan.from_json(path.read_text())
     except ValueError as exc:  # pydantic's ValidationError is one: a plan from another version
         errors = exc.errors() if hasattr(exc, "errors") else []
-        why = (f"{'.'.join(str(x) for x in errors[0]['loc'])}: {errors[0]['msg']}" if errors else str(exc))
+        why = (
+            f"{'.'.join(str(x) for x in errors[0]['loc'])}: {errors[0]['msg']}"
+            if errors
+            else str(exc)
+        )
         raise ConfigError(f"{path}: not a plan this hpcfed can run ({why})") from None
     return Supervisor(plan, path.parent).run()

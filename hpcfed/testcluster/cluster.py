@@ -3,6 +3,7 @@
 Everything lives under the spec's prefix. `up` is idempotent; `down` stops only what `up`
 started (recorded PIDs plus processes carrying our marker) and is safe to run twice.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,6 +39,7 @@ class UpResult:
 
 # ---------------------------------------------------------------- preconditions
 
+
 def require_root(action: str) -> None:
     if os.geteuid() != 0:
         raise EnvironmentProblem(
@@ -70,14 +72,18 @@ def install_packages(packages: list[str], progress: Progress) -> None:
     apt = ["apt-get", "-o", "DPkg::Lock::Timeout=600"]
     proc = subprocess.run(
         apt + ["install", "-y", "-q", "--no-install-recommends"] + packages,
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     if proc.returncode != 0:
         # The package lists may be missing on a fresh machine: update once and retry.
         subprocess.run(apt + ["update", "-q"], capture_output=True, text=True, env=env)
         proc = subprocess.run(
             apt + ["install", "-y", "-q", "--no-install-recommends"] + packages,
-            capture_output=True, text=True, env=env,
+            capture_output=True,
+            text=True,
+            env=env,
         )
     still = missing_packages(packages)
     if proc.returncode != 0 or still:
@@ -110,6 +116,7 @@ def check_ports(spec: ClusterSpec, skip: set) -> None:
 
 # ---------------------------------------------------------------- the cluster
 
+
 class TestCluster:
     __test__ = False  # not a pytest class
 
@@ -122,7 +129,9 @@ class TestCluster:
     def _slurm_env(self) -> dict:
         return dict(os.environ, **self.spec.env())
 
-    def _run(self, argv: list, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def _run(
+        self, argv: list, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
         proc = subprocess.run(
             argv, capture_output=True, text=True, env=self._slurm_env(), timeout=timeout
         )
@@ -135,13 +144,20 @@ class TestCluster:
         return self.spec.path("log", f"{name}.out")
 
     def _start(self, name: str, argv: list, user: Optional[str] = None) -> subprocess.Popen:
-        record, proc = daemons.start(name, argv, self._log(name), self.spec.prefix, user=user,
-                                     env=self.spec.env())
+        record, proc = daemons.start(
+            name, argv, self._log(name), self.spec.prefix, user=user, env=self.spec.env()
+        )
         self.table.add(record)
         return proc
 
-    def _wait(self, what: str, ready: Callable[[], bool], proc: Optional[subprocess.Popen],
-              timeout: float, log: str) -> None:
+    def _wait(
+        self,
+        what: str,
+        ready: Callable[[], bool],
+        proc: Optional[subprocess.Popen],
+        timeout: float,
+        log: str,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if ready():
@@ -154,14 +170,21 @@ class TestCluster:
                     f"{_last_line(log)}"
                 )
             time.sleep(0.2)
-        raise EnvironmentProblem(f"{what} did not become ready in {timeout:.0f} s; see {log}: {_last_line(log)}")
+        raise EnvironmentProblem(
+            f"{what} did not become ready in {timeout:.0f} s; see {log}: {_last_line(log)}"
+        )
 
     def running(self) -> list:
         return [r for r in self.table.load() if r.alive()]
 
     def is_up(self) -> bool:
         records = self.table.load()
-        wanted = {"mariadb", "slurmdbd", "slurmctld", *(f"slurmd-{n}" for n in self.spec.node_names)}
+        wanted = {
+            "mariadb",
+            "slurmdbd",
+            "slurmctld",
+            *(f"slurmd-{n}" for n in self.spec.node_names),
+        }
         alive = {r.name for r in records if r.alive()}
         return wanted <= alive
 
@@ -170,31 +193,40 @@ class TestCluster:
         t0 = time.monotonic()
         require_root("up")
         if self.is_up():
-            return UpResult(already_running=True, reused=[r.name for r in self.running()],
-                            seconds=time.monotonic() - t0)
+            return UpResult(
+                already_running=True,
+                reused=[r.name for r in self.running()],
+                seconds=time.monotonic() - t0,
+            )
         # Daemons that died (or were stopped) are started again; the live ones, and the jobs
         # and state they hold, are left alone.
         alive = {r.name for r in self.running()}
         if alive:
             self.progress(f"still running: {', '.join(sorted(alive))}; starting the rest")
         install_packages(missing_packages(), self.progress)
-        check_ports(self.spec, skip={owner for owner in self.spec.ports()
-                                     if owner.replace(" ", "-") in alive})
+        check_ports(
+            self.spec,
+            skip={owner for owner in self.spec.ports() if owner.replace(" ", "-") in alive},
+        )
         self._prepare_files()
         result = UpResult(already_running=False)
         result.started, result.reused = [], sorted(alive)
         if "munge" not in alive:
             (result.reused if self._munge() == "reused" else result.started).append("munge")
         if "mariadb" not in alive:
-            self._mariadb(); result.started.append("mariadb")
+            self._mariadb()
+            result.started.append("mariadb")
         if "slurmdbd" not in alive:
-            self._slurmdbd(); result.started.append("slurmdbd")
+            self._slurmdbd()
+            result.started.append("slurmdbd")
         self._accounting()
         if "slurmctld" not in alive:
-            self._slurmctld(); result.started.append("slurmctld")
+            self._slurmctld()
+            result.started.append("slurmctld")
         for i, node in enumerate(self.spec.node_names):
             if f"slurmd-{node}" not in alive:
-                self._slurmd(i, node); result.started.append(f"slurmd-{node}")
+                self._slurmd(i, node)
+                result.started.append(f"slurmd-{node}")
         self._wait_nodes_idle()
         result.seconds = time.monotonic() - t0
         return result
@@ -240,16 +272,20 @@ class TestCluster:
             pwd.getpwnam(name)
         except KeyError:
             self.progress(f"creating non-root user {name}")
-            subprocess.run(["useradd", "-m", "-s", "/bin/bash", name], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["useradd", "-m", "-s", "/bin/bash", name], check=True, capture_output=True
+            )
 
     def _munge(self) -> str:
         if _munge_works():
             return "reused"  # a munged we did not start: leave it alone at `down`
         key = "/etc/munge/munge.key"
         if not os.path.exists(key):
-            subprocess.run(["runuser", "-u", "munge", "--", "mungekey", "--create"], check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["runuser", "-u", "munge", "--", "mungekey", "--create"],
+                check=True,
+                capture_output=True,
+            )
         os.makedirs("/run/munge", exist_ok=True)
         shutil.chown("/run/munge", "munge", "munge")
         os.chmod("/run/munge", 0o755)
@@ -268,22 +304,44 @@ class TestCluster:
         if not os.path.isdir(os.path.join(datadir, "mysql")):
             self.progress("initialising MariaDB")
             proc = subprocess.run(
-                ["mariadb-install-db", "--no-defaults", "--user=mysql", f"--datadir={datadir}",
-                 "--auth-root-authentication-method=socket", "--skip-test-db"],
-                capture_output=True, text=True,
+                [
+                    "mariadb-install-db",
+                    "--no-defaults",
+                    "--user=mysql",
+                    f"--datadir={datadir}",
+                    "--auth-root-authentication-method=socket",
+                    "--skip-test-db",
+                ],
+                capture_output=True,
+                text=True,
             )
             if proc.returncode != 0:
                 raise EnvironmentProblem(f"mariadb-install-db failed: {_tail(proc)}")
         sock = os.path.join(rundir, "mysqld.sock")
         self.progress(f"starting MariaDB on 127.0.0.1:{s.mariadb_port}")
-        proc = self._start("mariadb", [
-            "/usr/sbin/mariadbd", "--no-defaults", "--user=mysql", f"--datadir={datadir}",
-            f"--socket={sock}", f"--port={s.mariadb_port}", "--bind-address=127.0.0.1",
-            f"--pid-file={rundir}/mariadb.pid", f"--log-error={rundir}/mariadb.err",
-            "--innodb-buffer-pool-size=64M", "--skip-name-resolve",
-        ])
-        self._wait("MariaDB", lambda: _tcp_open(s.mariadb_port) and os.path.exists(sock), proc, 60,
-                   f"{rundir}/mariadb.err")
+        proc = self._start(
+            "mariadb",
+            [
+                "/usr/sbin/mariadbd",
+                "--no-defaults",
+                "--user=mysql",
+                f"--datadir={datadir}",
+                f"--socket={sock}",
+                f"--port={s.mariadb_port}",
+                "--bind-address=127.0.0.1",
+                f"--pid-file={rundir}/mariadb.pid",
+                f"--log-error={rundir}/mariadb.err",
+                "--innodb-buffer-pool-size=64M",
+                "--skip-name-resolve",
+            ],
+        )
+        self._wait(
+            "MariaDB",
+            lambda: _tcp_open(s.mariadb_port) and os.path.exists(sock),
+            proc,
+            60,
+            f"{rundir}/mariadb.err",
+        )
         password = _existing_db_password(s.path("etc", "slurmdbd.conf"))
         sql = "".join(
             f"CREATE USER IF NOT EXISTS 'slurm'@'{host}' IDENTIFIED BY '{password}';"
@@ -292,8 +350,12 @@ class TestCluster:
             for host in ("localhost", "127.0.0.1")
         )
         # The SQL (with the password) goes through stdin, never argv.
-        proc = subprocess.run(["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"],
-                              input=sql, capture_output=True, text=True)
+        proc = subprocess.run(
+            ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"],
+            input=sql,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise EnvironmentProblem(f"could not create the slurm database user: {_tail(proc)}")
 
@@ -301,25 +363,34 @@ class TestCluster:
         s = self.spec
         self.progress(f"starting slurmdbd on port {s.slurmdbd_port}")
         proc = self._start("slurmdbd", ["/usr/sbin/slurmdbd", "-D"])
-        self._wait("slurmdbd", lambda: _tcp_open(s.slurmdbd_port), proc, 60,
-                   s.path("log", "slurmdbd.log"))
+        self._wait(
+            "slurmdbd", lambda: _tcp_open(s.slurmdbd_port), proc, 60, s.path("log", "slurmdbd.log")
+        )
 
     def _sacctmgr(self, *args: str) -> subprocess.CompletedProcess:
         return self._run(["sacctmgr", "-i", *args], check=False)
 
     def _accounting(self) -> None:
         s = self.spec
-        listed = self._run(["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"],
-                           check=False, timeout=30)
+        listed = self._run(
+            ["sacctmgr", "-n", "-P", "list", "cluster", "format=cluster"], check=False, timeout=30
+        )
         if s.cluster_name not in listed.stdout.split():
             self._sacctmgr("add", "cluster", s.cluster_name)
-        accounts = self._run(["sacctmgr", "-n", "-P", "list", "account", "format=account"],
-                             check=False).stdout.split()
+        accounts = self._run(
+            ["sacctmgr", "-n", "-P", "list", "account", "format=account"], check=False
+        ).stdout.split()
         if s.account not in accounts:
-            self._sacctmgr("add", "account", s.account, "Description=hpcfed test account",
-                           "Organization=hpcfed")
-        users = self._run(["sacctmgr", "-n", "-P", "list", "assoc", "format=user,account"],
-                          check=False).stdout.split()
+            self._sacctmgr(
+                "add",
+                "account",
+                s.account,
+                "Description=hpcfed test account",
+                "Organization=hpcfed",
+            )
+        users = self._run(
+            ["sacctmgr", "-n", "-P", "list", "assoc", "format=user,account"], check=False
+        ).stdout.split()
         for user in ("root", s.user, *s.extra_users):
             if f"{user}|{s.account}" not in users:
                 proc = self._sacctmgr("add", "user", user, f"account={s.account}")
@@ -332,8 +403,7 @@ class TestCluster:
         s = self.spec
         self.progress(f"starting slurmctld on port {s.slurmctld_port}")
         proc = self._start("slurmctld", ["/usr/sbin/slurmctld", "-D", "-f", s.slurm_conf])
-        self._wait("slurmctld", self.controller_responds, proc, 60,
-                   s.path("log", "slurmctld.log"))
+        self._wait("slurmctld", self.controller_responds, proc, 60, s.path("log", "slurmctld.log"))
 
     def controller_responds(self) -> bool:
         try:
@@ -367,16 +437,24 @@ class TestCluster:
         states: dict = {}
         while time.monotonic() < deadline:
             states = self.node_states()
-            if states and all(not st.startswith(("down", "drain", "unknown", "fail", "not_responding"))
-                              and not st.endswith("*") for st in states.values()) \
-                    and set(states) == set(self.spec.node_names):
+            if (
+                states
+                and all(
+                    not st.startswith(("down", "drain", "unknown", "fail", "not_responding"))
+                    and not st.endswith("*")
+                    for st in states.values()
+                )
+                and set(states) == set(self.spec.node_names)
+            ):
                 return
             # Nodes left drained/down by an earlier run come back once told to.
             if not resumed and time.monotonic() > deadline - timeout + 5:
                 bad = [n for n, st in states.items() if st.startswith(("down", "drain"))]
                 if bad:
-                    self._run(["scontrol", "update", f"NodeName={','.join(bad)}", "State=RESUME"],
-                              check=False)
+                    self._run(
+                        ["scontrol", "update", f"NodeName={','.join(bad)}", "State=RESUME"],
+                        check=False,
+                    )
                 resumed = True
             time.sleep(0.3)
         raise EnvironmentProblem(
@@ -410,8 +488,9 @@ class TestCluster:
         self._run(["scancel", *ids], check=False, timeout=30)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            left = self._run(["squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%i"],
-                             check=False, timeout=15).stdout.split()
+            left = self._run(
+                ["squeue", "-h", "-t", "RUNNING,COMPLETING", "-o", "%i"], check=False, timeout=15
+            ).stdout.split()
             if not left:
                 return
             time.sleep(0.5)
@@ -438,21 +517,42 @@ class TestCluster:
             if name in seen:
                 continue
             seen.add(name)
-            info["nodes"].append({"name": name, "state": state, "cpus": int(cpus),
-                                  "memory_mb": int(mem), "gres": gres})
+            info["nodes"].append(
+                {
+                    "name": name,
+                    "state": state,
+                    "cpus": int(cpus),
+                    "memory_mb": int(mem),
+                    "gres": gres,
+                }
+            )
         parts = self._run(["scontrol", "show", "partition", "-o"], check=False).stdout
         for line in parts.splitlines():
             kv = dict(tok.split("=", 1) for tok in line.split() if "=" in tok)
-            info["partitions"].append({
-                "name": kv.get("PartitionName"), "default": kv.get("Default") == "YES",
-                "priority_tier": int(kv.get("PriorityTier", 0)), "preempt_mode": kv.get("PreemptMode"),
-                "grace_time_s": int(kv.get("GraceTime", 0)), "nodes": kv.get("Nodes"),
-            })
+            info["partitions"].append(
+                {
+                    "name": kv.get("PartitionName"),
+                    "default": kv.get("Default") == "YES",
+                    "priority_tier": int(kv.get("PriorityTier", 0)),
+                    "preempt_mode": kv.get("PreemptMode"),
+                    "grace_time_s": int(kv.get("GraceTime", 0)),
+                    "nodes": kv.get("Nodes"),
+                }
+            )
         jobs = self._run(["squeue", "-h", "-o", "%i|%u|%P|%j|%T|%b|%N"], check=False).stdout
         for line in jobs.splitlines():
             jid, user, part, name, state, gres, nodelist = line.split("|", 6)
-            info["jobs"].append({"id": jid, "user": user, "partition": part, "name": name,
-                                 "state": state, "gres": gres, "nodes": nodelist})
+            info["jobs"].append(
+                {
+                    "id": jid,
+                    "user": user,
+                    "partition": part,
+                    "name": name,
+                    "state": state,
+                    "gres": gres,
+                    "nodes": nodelist,
+                }
+            )
         return info
 
 

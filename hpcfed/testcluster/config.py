@@ -1,4 +1,5 @@
 """Render the cluster's config files from its spec. Pure: no file is touched here."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ so a PID the kernel has reused for something else is never signalled. Every daem
 marker variable in its environment; processes it spawns (slurmstepd) inherit it, which lets
 `down` find and stop leftovers that no PID file names.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,7 +76,11 @@ class DaemonTable:
 
 
 def start(
-    name: str, argv: list, log_path: str, marker: str, user: Optional[str] = None,
+    name: str,
+    argv: list,
+    log_path: str,
+    marker: str,
+    user: Optional[str] = None,
     env: Optional[dict] = None,
 ) -> tuple[DaemonRecord, subprocess.Popen]:
     """Start argv detached (own session, no inherited pipes), logging to log_path."""

@@ -3,6 +3,7 @@
 The defaults mimic a small GPU site: three nodes, each with four typed A40 GPUs (fake, backed by
 real character devices), a default partition, and a preemptable/high-priority partition pair.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,7 +33,7 @@ class ClusterSpec:
     extra_users: tuple = field(default_factory=tuple)
 
     @classmethod
-    def from_env(cls, prefix: str | None = None) -> "ClusterSpec":
+    def from_env(cls, prefix: str | None = None) -> ClusterSpec:
         return cls(prefix=prefix or os.environ.get("HPCFED_TESTCLUSTER_PREFIX") or DEFAULT_PREFIX)
 
     # Paths derived from the prefix; every file of the cluster lives below it.

@@ -5,6 +5,7 @@ PublicKey, PresharedKey, Endpoint, AllowedIPs, PersistentKeepalive. wg-quick-onl
 no sense without a TUN device (DNS, Table, PostUp, ...) are accepted and ignored; anything else
 is an error naming the file, line and key. The file holds a private key, so it must be 0600.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -65,7 +66,9 @@ def _sections(text: str, path: str):
         if not sep:
             raise ConfigError(f"{path}:{lineno}: expected KEY = VALUE, got {raw.strip()!r}")
         if section is None:
-            raise ConfigError(f"{path}:{lineno}: {key.strip()} is outside any [Interface]/[Peer] section")
+            raise ConfigError(
+                f"{path}:{lineno}: {key.strip()} is outside any [Interface]/[Peer] section"
+            )
         section["items"].append((lineno, key.strip(), value.strip()))
 
 
@@ -78,7 +81,9 @@ def parse(text: str, path: str = "<config>") -> TunnelConfig:
         elif sec["name"] == "peer":
             peers.append({})
         else:
-            raise ConfigError(f"{path}:{sec['line']}: unknown section [{sec['name']}] (expected [Interface] or [Peer])")
+            raise ConfigError(
+                f"{path}:{sec['line']}: unknown section [{sec['name']}] (expected [Interface] or [Peer])"
+            )
         for lineno, key, value in sec["items"]:
             k = key.lower()
             if k in IGNORED_KEYS:
@@ -105,7 +110,12 @@ def parse(text: str, path: str = "<config>") -> TunnelConfig:
         v = d[key]
         return v[-1] if isinstance(v, list) else v
 
-    key_names = {"privatekey": "PrivateKey", "address": "Address", "publickey": "PublicKey", "endpoint": "Endpoint"}
+    key_names = {
+        "privatekey": "PrivateKey",
+        "address": "Address",
+        "publickey": "PublicKey",
+        "endpoint": "Endpoint",
+    }
 
     line, private = need(interface, "privatekey", "Interface")
     if not is_key(private):
@@ -117,11 +127,15 @@ def parse(text: str, path: str = "<config>") -> TunnelConfig:
         try:
             iface = ipaddress.ip_interface(part if "/" in part else part + "/32")
         except ValueError:
-            raise ConfigError(f"{path}:{line}: Address {part!r} is not an IP address/prefix") from None
+            raise ConfigError(
+                f"{path}:{line}: Address {part!r} is not an IP address/prefix"
+            ) from None
         if iface.version == 4:
             addrs.append(iface)
     if not addrs:
-        raise ConfigError(f"{path}:{line}: Address needs an IPv4 address (IPv6 is not supported yet)")
+        raise ConfigError(
+            f"{path}:{line}: Address needs an IPv4 address (IPv6 is not supported yet)"
+        )
     line, pub = need(peer, "publickey", "Peer")
     if not is_key(pub):
         raise ConfigError(f"{path}:{line}: PublicKey is not a base64 WireGuard key")
@@ -138,10 +152,14 @@ def parse(text: str, path: str = "<config>") -> TunnelConfig:
             try:
                 net = ipaddress.ip_network(part.strip(), strict=False)
             except ValueError:
-                raise ConfigError(f"{path}:{line}: AllowedIPs {part.strip()!r} is not a network") from None
+                raise ConfigError(
+                    f"{path}:{line}: AllowedIPs {part.strip()!r} is not a network"
+                ) from None
             if net.version == 4:
                 allowed.append(net)
-    keepalive = _int(peer.get("persistentkeepalive", [None])[-1], "PersistentKeepalive", path, 0, 65535)
+    keepalive = _int(
+        peer.get("persistentkeepalive", [None])[-1], "PersistentKeepalive", path, 0, 65535
+    )
     listen_port = _int(interface.get("listenport"), "ListenPort", path, 0, 65535)
     mtu = _int(interface.get("mtu"), "MTU", path, 576, 9000)
     return TunnelConfig(

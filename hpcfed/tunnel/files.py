@@ -1,4 +1,5 @@
 """Files that hold secrets: written atomically, mode 0600 from the first byte."""
+
 from __future__ import annotations
 
 import os

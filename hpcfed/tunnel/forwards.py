@@ -5,6 +5,7 @@
 -R port=host:port               connections arriving at this job's tunnel address on `port`
                                  carried to a local service host:port
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -57,7 +58,9 @@ def parse_local(spec: str) -> LocalForward:
         raise ConfigError(f"-L {spec!r}: {target!r} is not a tunnel IPv4 address") from None
     if ip.version != 4:
         raise ConfigError(f"-L {spec!r}: {target!r} is not a tunnel IPv4 address")
-    return LocalForward(bind.strip("[]") or "127.0.0.1", _port(port, spec, "-L"), target, _port(tport, spec, "-L"))
+    return LocalForward(
+        bind.strip("[]") or "127.0.0.1", _port(port, spec, "-L"), target, _port(tport, spec, "-L")
+    )
 
 
 def parse_remote(spec: str) -> RemoteForward:

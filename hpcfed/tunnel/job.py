@@ -5,10 +5,10 @@ starts the role. The server role gets a remote forward for the framework's port;
 forward to the server's (stable) tunnel address, and the container's /etc/hosts maps the
 federation's server name to where that forward listens.
 """
+
 from __future__ import annotations
 
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,8 +19,14 @@ from hpcfed.paths import hpcfed_command
 LOCAL_BIND = "127.0.0.1"
 
 
-def tunnel_argv(config: str, role: str, ports: Sequence[int], server_address: Optional[str],
-                ready_file: str, status_file: Optional[str] = None) -> list[str]:
+def tunnel_argv(
+    config: str,
+    role: str,
+    ports: Sequence[int],
+    server_address: Optional[str],
+    ready_file: str,
+    status_file: Optional[str] = None,
+) -> list[str]:
     """The child's command line for `role` ("server" or a client role) and the framework ports."""
     argv = hpcfed_command() + ["tunnel", "up", "--config", config, "--ready-file", ready_file]
     if status_file:
@@ -30,7 +36,9 @@ def tunnel_argv(config: str, role: str, ports: Sequence[int], server_address: Op
             argv += ["-R", f"{port}={LOCAL_BIND}:{port}"]
         else:
             if not server_address:
-                raise ConfigError(f"role {role}: the server's tunnel address is needed for its -L forward")
+                raise ConfigError(
+                    f"role {role}: the server's tunnel address is needed for its -L forward"
+                )
             argv += ["-L", f"{LOCAL_BIND}:{port}={server_address}:{port}"]
     return argv
 
@@ -56,7 +64,9 @@ def wait_ready(proc: subprocess.Popen, ready_file: str, timeout: float, poll: fl
             err = proc.stderr.read() if proc.stderr else ""
             if isinstance(err, bytes):
                 err = err.decode(errors="replace")
-            line = next((l for l in reversed(err.strip().splitlines()) if l.strip()), f"exit code {code}")
+            line = next(
+                (l for l in reversed(err.strip().splitlines()) if l.strip()), f"exit code {code}"
+            )
             raise TunnelError(line.removeprefix("hpcfed: error: "))
         time.sleep(poll)
     raise TunnelError(f"the tunnel was not ready within {timeout:.0f}s (no {ready_file})")

@@ -1,4 +1,5 @@
 """WireGuard keys (X25519, base64) made with `cryptography`, so no `wg` binary is needed in a job."""
+
 from __future__ import annotations
 
 import base64
@@ -21,7 +22,9 @@ def generate_private() -> str:
 
 def public_from_private(private_b64: str) -> str:
     key = X25519PrivateKey.from_private_bytes(decode(private_b64))
-    return base64.b64encode(key.public_key().public_bytes(format=serialization.PublicFormat.Raw, **_RAW)).decode()
+    return base64.b64encode(
+        key.public_key().public_bytes(format=serialization.PublicFormat.Raw, **_RAW)
+    ).decode()
 
 
 def generate_psk() -> str:

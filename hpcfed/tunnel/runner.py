@@ -1,5 +1,6 @@
 """Run the tunnel in the foreground (what a job does): build the data plane's spec, stop cleanly on
 SIGTERM/SIGINT, turn data-plane failures into TunnelError (exit 9)."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -34,14 +35,24 @@ def default_status_file(cfg: TunnelConfig) -> str:
     return str(status_dir() / (Path(cfg.path).stem + ".json"))
 
 
-def build_spec(cfg: TunnelConfig, local: Sequence[LocalForward], remote: Sequence[RemoteForward], opts: RunOptions) -> dict:
+def build_spec(
+    cfg: TunnelConfig,
+    local: Sequence[LocalForward],
+    remote: Sequence[RemoteForward],
+    opts: RunOptions,
+) -> dict:
     """The data plane's input (pure; holds the private key, so never logged or put in argv)."""
     check_unique(list(local), list(remote))
     for f in local:
         if not any(ipaddress.ip_address(f.target) in net for net in cfg.allowed_ips):
             nets = ", ".join(map(str, cfg.allowed_ips))
-            raise ConfigError(f"-L {f}: {f.target} is outside the hub peer's AllowedIPs ({nets}) in {cfg.path}")
-    for name, value in (("--handshake-timeout", opts.handshake_timeout), ("--liveness", opts.liveness)):
+            raise ConfigError(
+                f"-L {f}: {f.target} is outside the hub peer's AllowedIPs ({nets}) in {cfg.path}"
+            )
+    for name, value in (
+        ("--handshake-timeout", opts.handshake_timeout),
+        ("--liveness", opts.liveness),
+    ):
         if value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
     for path in (opts.ready_file, opts.status_file):
@@ -81,18 +92,27 @@ def data_plane():
     try:
         from hpcfed import _tunnel
     except ImportError as exc:
-        raise EnvironmentProblem(f"the compiled tunnel (hpcfed._tunnel) is missing ({exc}); reinstall hpcfed") from None
+        raise EnvironmentProblem(
+            f"the compiled tunnel (hpcfed._tunnel) is missing ({exc}); reinstall hpcfed"
+        ) from None
     return _tunnel
 
 
-def run(cfg: TunnelConfig, local: Sequence[LocalForward], remote: Sequence[RemoteForward], opts: RunOptions) -> None:
+def run(
+    cfg: TunnelConfig,
+    local: Sequence[LocalForward],
+    remote: Sequence[RemoteForward],
+    opts: RunOptions,
+) -> None:
     """Block until SIGTERM/SIGINT (clean return) or a tunnel failure (TunnelError)."""
     spec = build_spec(cfg, local, remote, opts)
     if opts.status_file is None:
         private_mkdir(status_dir())
         spec["status_file"] = default_status_file(cfg)
     tunnel = data_plane()
-    previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    previous = {
+        s: signal.signal(s, _raise_stop) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    }
     try:
         tunnel.run(json.dumps(spec))
     except _Stop:

@@ -1,4 +1,5 @@
 """Read the status files running tunnels keep (0600 JSON, rewritten every second)."""
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def collect(status_file: Optional[str] = None) -> list[dict]:
     if status_file:
         p = Path(status_file)
         if not p.is_file():
-            raise NotFound(f"{p}: no tunnel status file (is `hpcfed tunnel up` running with --status-file {p}?)")
+            raise NotFound(
+                f"{p}: no tunnel status file (is `hpcfed tunnel up` running with --status-file {p}?)"
+            )
         return [read(p)]
     d = status_dir()
     out = []
