@@ -15,11 +15,11 @@ from pydantic import BaseModel, ConfigDict
 
 from hpcfed.errors import ConfigError
 from hpcfed.frameworks import Role
+from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.units import human_duration, parse_duration
 
 PLAN_VERSION = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 JOB_NAME_PREFIX = "hpcfed-"
 COMMENT_PREFIX = "hpcfed:"
 
@@ -241,10 +241,8 @@ def build_plan(
 ) -> Plan:
     """Check the request against the site and freeze it into a Plan (ConfigError if impossible)."""
     p = site.profile
-    if not NAME_RE.match(name):
-        raise ConfigError(
-            f"--name {name!r}: use letters, digits, '.', '_' or '-' (max 63, starting alphanumeric)"
-        )
+    check_name("--name", name)
+    check_name("site", site.name)
 
     n_gpus = role.default_gpus if gpus is None else gpus
     if n_gpus < 0:

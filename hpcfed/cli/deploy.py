@@ -108,6 +108,7 @@ def submit(
     import os
 
     from hpcfed import deploy, frameworks
+    from hpcfed.names import check_name
     from hpcfed.plan import build_plan
     from hpcfed.profiles import load_site
     from hpcfed.render import render
@@ -115,7 +116,7 @@ def submit(
 
     loaded = load_site(site)
     the_role = frameworks.role(framework, role)
-    name = name or f"{site}-{role}"
+    name = check_name("--name", name or f"{site}-{role}")
     store = DeploymentStore()
     existing = None if dry_run else store.get(name)
     if existing is not None and existing.site != site:

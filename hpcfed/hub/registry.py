@@ -12,12 +12,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from hpcfed.errors import ConfigError, NotFound
+from hpcfed.names import check_name
 from hpcfed.paths import private_mkdir
 from hpcfed.tunnel import keys
 from hpcfed.tunnel.files import write_private
@@ -31,7 +31,6 @@ PREFIXES = {
     "client": ipaddress.ip_network("10.221.0.0/16"),
     "admin": ipaddress.ip_network("10.222.0.0/16"),
 }
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_DIR = "/var/lib/hpcfed/hub"
 
 
@@ -69,8 +68,7 @@ class Hub:
 def check_type_id(type_: str, id_: str) -> None:
     if type_ not in PREFIXES:
         raise ConfigError(f"peer type {type_!r} is unknown; use one of: {', '.join(PREFIXES)}")
-    if not ID_RE.match(id_):
-        raise ConfigError(f"peer id {id_!r}: use letters, digits, '.', '_', '-' (at most 63)")
+    check_name("peer id", id_)
 
 
 class Registry:

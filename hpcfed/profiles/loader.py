@@ -16,6 +16,7 @@ import yaml
 
 from hpcfed import paths
 from hpcfed.errors import ConfigError, NotFound
+from hpcfed.names import check_name
 
 ENV_PREFIX = "HPCFED_SITE__"
 DEFAULT = "default"
@@ -164,6 +165,7 @@ def _record(provenance: Dict[str, str], key: str, v: Any, source: str) -> None:
 
 def _layers_for(name: str, seen: Tuple[str, ...] = ()) -> List[Layer]:
     """Bundled then user layer for `name`, preceded by the layers of what it `extends`."""
+    check_name("site", name)
     if name in seen:
         raise ConfigError(f"site {name!r}: `extends` loops: {' -> '.join(seen + (name,))}")
     layers: List[Layer] = []

@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from hpcfed import paths
 from hpcfed.errors import NotFound
+from hpcfed.names import check_name
 from hpcfed.state.lock import lease_lock
 
 
@@ -91,7 +92,7 @@ class DeploymentStore:
         self.root = Path(root) if root else paths.state_dir() / "deployments"
 
     def _file(self, name: str) -> Path:
-        return self.root / f"{name}.json"
+        return self.root / f"{check_name('deployment', name)}.json"
 
     def _ensure(self) -> None:
         paths.private_mkdir(self.root)
@@ -137,7 +138,9 @@ class DeploymentStore:
     def lock(self, name: str, lease: float = 120.0, wait: float = 60.0):
         """Lock one deployment for a read-modify-write across processes and login nodes."""
         self._ensure()
-        return lease_lock(self.root / f".{name}.lock", lease=lease, wait=wait)
+        return lease_lock(
+            self.root / f".{check_name('deployment', name)}.lock", lease=lease, wait=wait
+        )
 
     def update(self, name: str, change: Callable[[Deployment], None]) -> Deployment:
         with self.lock(name):
