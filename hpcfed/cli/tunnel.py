@@ -196,6 +196,16 @@ _PRIVATE_RE = re.compile(r"^\s*PrivateKey\s*=.*$", re.IGNORECASE | re.MULTILINE)
 _INTERFACE_RE = re.compile(r"^\s*\[Interface\]\s*$", re.IGNORECASE | re.MULTILINE)
 
 
+def _write_key(path: Path, text: str) -> None:
+    """write_private, with a path the user cannot write to reported as one line (exit 3)."""
+    try:
+        write_private(path, text)
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot write the private key there: {exc.strerror or exc}"
+        ) from None
+
+
 @vpn.command("keygen")
 @click.option(
     "--config",
@@ -239,17 +249,21 @@ def keygen(config_path, private_key_file, force, as_json):
             text = _INTERFACE_RE.sub(
                 lambda m: f"{m.group(0)}\nPrivateKey = {private}", text, count=1
             )
-        write_private(path, text)
+        _write_key(path, text)
         target = path
     else:
-        target = (
-            Path(private_key_file)
-            if private_key_file
-            else private_mkdir(config_dir() / "vpn") / "private.key"
-        )
+        if private_key_file:
+            target = Path(private_key_file)
+        else:
+            try:
+                target = private_mkdir(config_dir() / "vpn") / "private.key"
+            except OSError as exc:
+                raise ConfigError(
+                    f"{config_dir() / 'vpn'}: cannot create: {exc.strerror or exc}"
+                ) from None
         if target.exists() and not force:
             raise ConfigError(f"{target}: already exists (use --force to replace it)")
-        write_private(target, private + "\n")
+        _write_key(target, private + "\n")
     public = keys.public_from_private(private)
     emit(
         {"public_key": public, "private_key_in": str(target)},

@@ -20,19 +20,18 @@ import datetime as dt
 import fcntl
 import json
 import os
-import re
 import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from hpcfed import paths
+from hpcfed import names, paths
 from hpcfed.errors import ConfigError, KitError, NotFound
 from hpcfed.kit.checks import METADATA, KitFacts
+from hpcfed.tunnel.files import write_private
 
 ROLES = ("client", "server", "admin")
-_NAME = re.compile(r"^[A-Za-z0-9_@+-][A-Za-z0-9._@+-]{0,127}$")
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,8 @@ def pins_dir() -> Path:
 
 
 def check_name(kind: str, value: str) -> str:
-    if not _NAME.match(value or ""):
-        raise ConfigError(
-            f"{kind} {value!r} is not a valid name (letters, digits, . _ - @ +; no slashes)"
-        )
-    return value
+    """A federation or site label of a kit (an admin kit's label may be an e-mail address)."""
+    return names.check_name(kind, value, email=True)
 
 
 def _site_dir(federation: str, role: str, site: str) -> Path:
@@ -95,18 +91,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_private(path: Path, data: str) -> None:
-    """Write a small file 0600 atomically (temp file + fsync + rename)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def make_private(root: Path) -> None:
@@ -160,7 +144,7 @@ def install_kit(
         "installed_at": now.isoformat(timespec="seconds"),
         "facts": asdict(facts),
     }
-    _write_private(kit_root / METADATA, json.dumps(meta, indent=2, sort_keys=True))
+    write_private(kit_root / METADATA, json.dumps(meta, indent=2, sort_keys=True))
     make_private(kit_root)
     _fsync_tree(kit_root)
     version = f"{now:%Y%m%dT%H%M%S}-{secrets.token_hex(3)}"
@@ -263,7 +247,7 @@ def set_default(site: str, role: str, federation: str) -> InstalledKit:
     defaults = _defaults()
     defaults[f"{role}/{site}"] = federation
     paths.private_mkdir(kits_dir())
-    _write_private(_defaults_file(), json.dumps(defaults, indent=2, sort_keys=True))
+    write_private(_defaults_file(), json.dumps(defaults, indent=2, sort_keys=True))
     return _load(base)
 
 
@@ -323,7 +307,7 @@ def set_pin(federation: str, fingerprint: str, subject: str, dashboard: Optional
         "pinned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     paths.private_mkdir(pins_dir())
-    _write_private(
+    write_private(
         pins_dir() / f"{check_name('federation', federation)}.json", json.dumps(pin, indent=2)
     )
     return pin
