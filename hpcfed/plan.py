@@ -8,16 +8,19 @@ is serialised to JSON inside the sbatch script and read back by `hpcfed job run`
 from __future__ import annotations
 
 import re
-import shlex
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
+from hpcfed.container.apptainer import bind_path
 from hpcfed.errors import ConfigError
 from hpcfed.frameworks import Role
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
+from hpcfed.profiles.schema import one_word
 from hpcfed.profiles.units import human_duration, parse_duration
+from hpcfed.tunnel import forwards
+from hpcfed.tunnel.forwards import LocalForward, RemoteForward
 
 PLAN_VERSION = 1
 JOB_NAME_PREFIX = "hpcfed-"
@@ -158,11 +161,21 @@ def gpu_option(dialect: str, gpus: int, gpu_type: Optional[str]) -> Optional[str
     raise ConfigError(f"gpus.dialect {dialect!r}: unknown (gres, gpus, gpus-per-node)")
 
 
+def parse_forwards(
+    local_forwards: Sequence[str], remote_forwards: Sequence[str]
+) -> Tuple[List[LocalForward], List[RemoteForward]]:
+    """-L/-R specs parsed now, by the parser `hpcfed tunnel up` uses in the job (ConfigError)."""
+    local = [forwards.parse_local(spec) for spec in local_forwards]
+    remote = [forwards.parse_remote(spec) for spec in remote_forwards]
+    forwards.check_unique(local, remote)
+    return local, remote
+
+
 def tunnel_hosts(
     role: str,
     server_address: Optional[Tuple[str, int]],
-    local_forwards: Tuple[str, ...],
-    remote_forwards: Tuple[str, ...],
+    local_forwards: Sequence[LocalForward],
+    remote_forwards: Sequence[RemoteForward],
 ) -> Tuple[Tuple[str, str], ...]:
     """Where the federation's server name must resolve inside the role's container.
 
@@ -173,38 +186,30 @@ def tunnel_hosts(
     if not server_address or not server_address[0]:
         return ()
     name, port = server_address
-    if re.match(r"^[0-9.]+$", name) or ":" in name:
+    if re.match(r"[0-9.]+\Z", name) or ":" in name:
         return ()
     if role == "server":
-        for spec in remote_forwards:
-            fwd_port, _, target = spec.partition("=")
-            host, _, _tport = target.rpartition(":")
-            if fwd_port.strip() == str(port) and host:
-                return ((name, host),)
+        for r in remote_forwards:
+            if r.port == port:
+                return ((name, r.host),)
         return ()
-    for spec in local_forwards:
-        listen, _, _target = spec.partition("=")
-        bind, _, lport = listen.rpartition(":")
-        if lport.strip() == str(port):
-            return ((name, bind or "127.0.0.1"),)
+    for f in local_forwards:
+        if f.port == port:
+            return ((name, f.bind),)
     return ()
 
 
 def server_listen_port(
-    role: str, server_address: Optional[Tuple[str, int]], remote_forwards: Tuple[str, ...]
+    role: str,
+    server_address: Optional[Tuple[str, int]],
+    remote_forwards: Sequence[RemoteForward],
 ) -> Optional[int]:
     """The port a server role must listen on when its remote forward moves the kit's port."""
     if role != "server" or not server_address or not server_address[1]:
         return None
-    for spec in remote_forwards:
-        fwd_port, _, target = spec.partition("=")
-        _host, _, tport = target.rpartition(":")
-        if (
-            fwd_port.strip() == str(server_address[1])
-            and tport.isdigit()
-            and int(tport) != server_address[1]
-        ):
-            return int(tport)
+    for r in remote_forwards:
+        if r.port == server_address[1] and r.host_port != server_address[1]:
+            return r.host_port
     return None
 
 
@@ -284,6 +289,11 @@ def build_plan(
 
     part = partition or p.partitions.get(role.name) or p.partitions.get("default")
     part = p.partitions.get(part, part) if partition else part  # a flag may name an alias
+    if partition:
+        try:
+            one_word(part)
+        except ValueError as exc:
+            raise ConfigError(f"--partition {exc}") from None
 
     cpus = max(p.cpus, n_gpus * (p.gpus.cpus_per_gpu or 0))
     memory = max(p.memory, n_gpus * (p.gpus.mem_per_gpu or 0))
@@ -302,15 +312,18 @@ def build_plan(
 
     tunnel = None
     if tunnel_config:
+        local, remote = parse_forwards(local_forwards, remote_forwards)
         tunnel = Tunnel(
             config=tunnel_config,
             local_forwards=tuple(local_forwards),
             remote_forwards=tuple(remote_forwards),
-            hosts=tunnel_hosts(role.name, server_address, local_forwards, remote_forwards),
-            listen_port=server_listen_port(role.name, server_address, remote_forwards),
+            hosts=tunnel_hosts(role.name, server_address, local, remote),
+            listen_port=server_listen_port(role.name, server_address, remote),
         )
     elif local_forwards or remote_forwards:
         raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
+    if image and kit:
+        bind_path(kit, "--kit")  # mounted into the container: apptainer splits on ',' and ':'
 
     ssh = p.scheduler.ssh
     return Plan(
@@ -370,7 +383,3 @@ def build_plan(
         hpcfed_command=p.hpcfed_command,
         template=role.template,
     )
-
-
-def quote(argv) -> str:
-    return " ".join(shlex.quote(a) for a in argv)

@@ -114,17 +114,18 @@ def test_plan_is_json_round_trippable_and_immutable():
 
 
 def test_a_value_that_would_break_its_sbatch_line_is_refused():
-    site = load_site("local", environ={"HPCFED_SITE__ACCOUNT": '"fedlab\\n#SBATCH --exclusive"'})
-    plan = build_plan(
-        site=site,
-        role=role("nvflare", "client"),
-        name="x",
-        deployment_id="d",
-        user="alice",
-        command="true",
+    # Refused when the profile is read (the key is named) ...
+    with pytest.raises(ConfigError, match="account: .*one word"):
+        load_site("local", environ={"HPCFED_SITE__ACCOUNT": '"fedlab\\n#SBATCH --exclusive"'})
+    # ... and render itself still refuses a multi-line value in a plan made some other way.
+    plan = make("local-client-typed-gres")
+    bad = plan.model_copy(
+        update={
+            "resources": plan.resources.model_copy(update={"account": "x\n#SBATCH --exclusive"})
+        }
     )
     with pytest.raises(ConfigError, match="must be one line"):
-        render(plan)
+        render(bad)
 
 
 def test_render_is_strict_about_undefined_variables(tmp_path, monkeypatch):

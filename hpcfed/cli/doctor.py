@@ -8,6 +8,16 @@ from hpcfed.cli._common import emit, json_option, table
 from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
 
 
+def _run(runner, argv):
+    """runner.run, with a command the runner cannot start reported as a failed check."""
+    from hpcfed.runner import Result
+
+    try:
+        return runner.run(argv, timeout=20)
+    except EnvironmentProblem as exc:
+        return Result(127, "", str(exc))
+
+
 def _checks(site_name: str):
     """Yield (check, ok, detail, fix) for one site; later checks are skipped when earlier fail."""
     from hpcfed import deploy
@@ -89,24 +99,25 @@ def _checks(site_name: str):
                     )
                 else:
                     yield "gpus", True, gres, ""
-        res = runner.run(
-            ["sh", "-c", f"command -v {p.apptainer.binary} && {p.apptainer.binary} --version"],
-            timeout=20,
-        )
+        # The values as the job uses them: exec'd as written, never expanded by a shell. The
+        # value is an argument of `sh`, not part of its script, so `$HOME/x` stays `$HOME/x`.
+        binary = p.apptainer.binary
+        res = _run(runner, ["sh", "-c", 'command -v -- "$1" && "$1" --version', "sh", binary])
         if res.returncode == 0:
             yield "apptainer", True, res.stdout.strip().replace("\n", " "), ""
         else:
             yield (
                 "apptainer",
                 False,
-                f"{p.apptainer.binary} not found on {runner.where}",
+                f"{binary} not found on {runner.where}",
                 "load it in setup: (e.g. module load apptainer) - it may exist only on compute nodes",
             )
-        res = runner.run(["sh", "-c", f"command -v {p.hpcfed_command}"], timeout=20)
+        command = p.hpcfed_command
+        res = _run(runner, ["sh", "-c", 'command -v -- "$1"', "sh", command])
         yield (
             "hpcfed on cluster",
             res.returncode == 0,
-            res.stdout.strip() or f"{p.hpcfed_command} not found on {runner.where}",
+            res.stdout.strip() or f"{command} not found on {runner.where}",
             "" if res.returncode == 0 else "install hpcfed there and set hpcfed_command",
         )
     finally:

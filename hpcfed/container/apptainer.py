@@ -43,7 +43,7 @@ GPU_FLAGS = {"nv": "--nv", "--nv": "--nv", "rocm": "--rocm", "--rocm": "--rocm"}
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def _bind_path(path: str, what: str) -> str:
+def bind_path(path: str, what: str) -> str:
     # apptainer splits --bind specs on ',' and ':'; such a path cannot be bound as given.
     if not path or "," in path or ":" in path:
         raise ConfigError(
@@ -52,7 +52,7 @@ def _bind_path(path: str, what: str) -> str:
     return path
 
 
-def _bind_spec(spec: str) -> str:
+def bind_spec(spec: str) -> str:
     parts = spec.split(":")
     if not spec or "," in spec or len(parts) > 3 or not all(parts[:2]):
         raise ConfigError(f"bind {spec!r}: expected SRC[:DST[:ro|rw]] without ','")
@@ -98,12 +98,12 @@ def exec_argv(
         argv.append(flag)
     argv += ["--cleanenv", "--containall", "--pwd", WORKSPACE_MOUNT]
     for spec in binds:
-        argv += ["--bind", _bind_spec(spec)]
+        argv += ["--bind", bind_spec(spec)]
     if kit_dir:
-        argv += ["--bind", f"{_bind_path(kit_dir, 'kit dir')}:{KIT_MOUNT}:ro"]
-    argv += ["--bind", f"{_bind_path(workspace, 'workspace')}:{WORKSPACE_MOUNT}"]
+        argv += ["--bind", f"{bind_path(kit_dir, 'kit dir')}:{KIT_MOUNT}:ro"]
+    argv += ["--bind", f"{bind_path(workspace, 'workspace')}:{WORKSPACE_MOUNT}"]
     if hosts_file:
-        argv += ["--bind", f"{_bind_path(hosts_file, 'hosts file')}:/etc/hosts:ro"]
+        argv += ["--bind", f"{bind_path(hosts_file, 'hosts file')}:/etc/hosts:ro"]
     argv.append(image)
     argv += list(command)
 

@@ -13,7 +13,43 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hpcfed.profiles.units import parse_duration, parse_memory_mb
 
-_SIGNAL_RE = re.compile(r"^(SIG)?(USR1|USR2|TERM|INT|HUP|QUIT|ALRM|CONT|URG)$")
+_SIGNAL_RE = re.compile(r"(SIG)?(USR1|USR2|TERM|INT|HUP|QUIT|ALRM|CONT|URG)\Z")
+# One sbatch option value: sbatch splits `#SBATCH` lines on white space, so a space would start
+# another option (`--partition=debug --account=other`).
+_WORD_RE = re.compile(r"[^\s\x00-\x1f\x7f]+\Z")
+# A command the job runs exactly as written: `exec 'VALUE'` in the batch script, argv[0] in the
+# supervisor. Nothing expands it, so `$HOME/...` or `~/...` would be looked up literally.
+_COMMAND_RE = re.compile(r"(/[^\s$`~\\'\"]*|[A-Za-z0-9_.+-][^\s/$`~\\'\"]*)\Z")
+
+
+def one_word(value: str) -> str:
+    """An sbatch option value: one word, no white space or control characters."""
+    if not _WORD_RE.match(value):
+        raise ValueError(
+            f"{value!r} must be one word (sbatch would read what follows a space as another option)"
+        )
+    return value
+
+
+def command_word(value: str) -> str:
+    """A command the job executes as written: a name looked up on PATH, or an absolute path."""
+    if not _COMMAND_RE.match(value):
+        raise ValueError(
+            f"{value!r}: the job runs this as written, without a shell ($, ~ and spaces are not "
+            "expanded); give a command name on the job's PATH or an absolute path"
+        )
+    return value
+
+
+def apptainer_bind(value: str) -> str:
+    """A bind spec apptainer accepts (the parser the job uses, run now)."""
+    from hpcfed.container.apptainer import bind_spec
+    from hpcfed.errors import ConfigError
+
+    try:
+        return bind_spec(value)
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class _Strict(BaseModel):
@@ -36,6 +72,12 @@ class SchedulerSettings(_Strict):
     env: Dict[str, str] = {}  # environment for sbatch/squeue/... (e.g. SLURM_CONF)
     timeout: int = Field(30, ge=1)  # seconds one scheduler command may take
 
+    @model_validator(mode="after")
+    def _ssh_needs_a_host(self) -> SchedulerSettings:
+        if self.connect == "ssh" and not self.ssh.host:
+            raise ValueError("scheduler.connect is ssh but scheduler.ssh.host is not set")
+        return self
+
 
 class GpuSettings(_Strict):
     dialect: Literal["gres", "gpus", "gpus-per-node"] = "gres"
@@ -49,6 +91,14 @@ class GpuSettings(_Strict):
     @classmethod
     def _mem(cls, v):
         return None if v is None else parse_memory_mb(v)
+
+    @field_validator("types")
+    @classmethod
+    def _types(cls, v: List[str]) -> List[str]:
+        for t in v:
+            if "," in one_word(t) or ":" in t:
+                raise ValueError(f"GPU type {t!r}: no ',' or ':' (it goes into gpu:TYPE:N)")
+        return v
 
     @model_validator(mode="after")
     def _default_type_known(self):
@@ -74,6 +124,16 @@ class ApptainerSettings(_Strict):
     image_dir: Optional[str] = (
         None  # where `hpcfed image build` stores SIFs; None = data dir/images
     )
+
+    @field_validator("binary")
+    @classmethod
+    def _binary(cls, v: str) -> str:
+        return command_word(v)
+
+    @field_validator("binds")
+    @classmethod
+    def _binds(cls, v: List[str]) -> List[str]:
+        return [apptainer_bind(b) for b in v]
 
 
 class PreemptionSettings(_Strict):
@@ -142,6 +202,23 @@ class SiteProfile(_Strict):
     @classmethod
     def _mem(cls, v):
         return parse_memory_mb(v)
+
+    @field_validator("account", "qos", "constraint", "reservation")
+    @classmethod
+    def _word(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else one_word(v)
+
+    @field_validator("partitions")
+    @classmethod
+    def _partitions(cls, v: Dict[str, str]) -> Dict[str, str]:
+        for part in v.values():
+            one_word(part)
+        return v
+
+    @field_validator("hpcfed_command")
+    @classmethod
+    def _hpcfed_command(cls, v: str) -> str:
+        return command_word(v)
 
     @field_validator("extra_directives")
     @classmethod

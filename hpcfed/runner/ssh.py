@@ -13,14 +13,14 @@ import shlex
 import socket
 from typing import Mapping, Optional, Sequence
 
-from hpcfed.errors import EnvironmentProblem, NotFound, SchedulerUnavailable
+from hpcfed.errors import ConfigError, EnvironmentProblem, NotFound, SchedulerUnavailable
 from hpcfed.runner import Result
 
 
 class SshRunner:
     def __init__(self, settings, connect_timeout: float = 15):
         if not settings.host:
-            raise EnvironmentProblem("scheduler.ssh.host: not set in the site profile")
+            raise ConfigError("scheduler.ssh.host: not set in the site profile")
         self.settings = settings
         self.user = settings.user or os.environ.get("USER") or None
         self.where = f"{self.user + '@' if self.user else ''}{settings.host}:{settings.port}"
