@@ -72,7 +72,7 @@ def sshd(slurm_cluster):
             time.sleep(0.1)
     host_pub = (d / "host_key.pub").read_text().split()
     (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    yield {"dir": d, "port": port}
+    yield {"dir": d, "port": port, "pid": proc.pid}
     proc.terminate()
     proc.wait(timeout=10)
     shutil.rmtree(d, ignore_errors=True)
@@ -201,3 +201,139 @@ def test_host_keys_are_checked(laptop, site, message):
         == ""
     )
     assert hpcfed("status", name, env=laptop).returncode == 8  # nothing recorded
+
+
+# --- known_hosts as OpenSSH writes it, and never rewritten --------------------------------------
+def _host_line(sshd) -> str:
+    return (sshd["dir"] / "known_hosts").read_text()
+
+
+def _other_key(tmp_path, name: str) -> str:
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / name)], check=True)
+    return " ".join((tmp_path / f"{name}.pub").read_text().split()[:2])
+
+
+def _ssh_site(tmp_path, sshd, slurm_cluster, name, known_hosts, accept=False):
+    sites = tmp_path / "cfg" / "hpcfed" / "sites"
+    sites.mkdir(parents=True, exist_ok=True)
+    (sites / f"{name}.yaml").write_text(
+        textwrap.dedent(f"""\
+        extends: local
+        scheduler:
+          connect: ssh
+          ssh:
+            host: 127.0.0.1
+            port: {sshd["port"]}
+            user: {slurm_cluster.user}
+            key: {sshd["dir"]}/client_key
+            known_hosts: {known_hosts}
+            accept_unknown_host: {"true" if accept else "false"}
+        """)
+    )
+    return {"XDG_CONFIG_HOME": str(tmp_path / "cfg"), "XDG_STATE_HOME": str(tmp_path / "state")}
+
+
+def _scheduler_check(proc):
+    assert "Traceback" not in proc.stderr, proc.stderr
+    checks = {c["check"]: c for c in json.loads(proc.stdout)}
+    return checks["scheduler"]
+
+
+@pytest.mark.timeout(120)
+def test_known_hosts_with_cert_authority_revoked_and_hashed_lines(sshd, slurm_cluster, tmp_path):
+    other = _other_key(tmp_path, "other")
+    hashed = run(["ssh-keygen", "-H", "-f", "-"], input=f"otherhost {other}\n")
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "# the user's own comment\n"
+        f"@cert-authority *.example.org {other}\n"
+        f"@revoked * {other}\n"
+        + (hashed.stdout if hashed.returncode == 0 else "")
+        + "\n"
+        + _host_line(sshd)
+    )
+    before = known.read_bytes()
+    env = _ssh_site(tmp_path, sshd, slurm_cluster, "markers", known)
+    proc = hpcfed("doctor", "--site", "markers", "--json", env=env)
+    check = _scheduler_check(proc)
+    assert check["ok"], check  # exited 70 (paramiko cannot parse the markers) before
+    assert known.read_bytes() == before
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("accept", [False, True])
+def test_a_revoked_host_key_is_refused(sshd, slurm_cluster, tmp_path, accept):
+    host_key = " ".join(_host_line(sshd).split()[1:3])
+    known = tmp_path / "known_hosts"
+    known.write_text(_host_line(sshd) + f"@revoked * {host_key}\n")
+    env = _ssh_site(tmp_path, sshd, slurm_cluster, "revoked", known, accept=accept)
+    proc = hpcfed("doctor", "--site", "revoked", "--json", env=env)
+    check = _scheduler_check(proc)
+    assert not check["ok"] and "revoked" in check["detail"], check
+    assert not (tmp_path / "state" / "hpcfed" / "known_hosts").exists()
+
+
+@pytest.mark.timeout(120)
+def test_accept_unknown_host_never_rewrites_the_users_known_hosts(sshd, slurm_cluster, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text(f"# keep me\notherhost {_other_key(tmp_path, 'other')}\n# and me\n")
+    before = known.read_bytes()
+    env = _ssh_site(tmp_path, sshd, slurm_cluster, "tofu", known, accept=True)
+    for _ in range(2):  # the second run finds the key it remembered: no duplicate line
+        proc = hpcfed("doctor", "--site", "tofu", "--json", env=env)
+        assert _scheduler_check(proc)["ok"], proc.stderr
+    assert known.read_bytes() == before  # paramiko's AutoAddPolicy rewrote it (comments lost)
+    own = tmp_path / "state" / "hpcfed" / "known_hosts"
+    lines = own.read_text().splitlines()
+    assert len(lines) == 1 and lines[0].split()[1:3] == _host_line(sshd).split()[1:3]
+    assert oct(own.stat().st_mode & 0o777) == "0o600"
+    assert "accepted the unknown host key" in proc.stderr or len(lines) == 1
+
+
+def _descendants(pid: int) -> list:
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_sftp_read_from_a_hung_login_node_times_out(sshd, slurm_cluster):
+    import signal
+
+    from hpcfed.errors import SchedulerUnavailable
+    from hpcfed.plan import SchedulerTarget, SshTarget
+    from hpcfed.runner import make_runner
+
+    ssh = SshTarget(
+        host="127.0.0.1",
+        port=sshd["port"],
+        user=slurm_cluster.user,
+        key=str(sshd["dir"] / "client_key"),
+        known_hosts=str(sshd["dir"] / "known_hosts"),
+    )
+    # scheduler.timeout bounds every SFTP request too (before: no timeout, the read hung)
+    runner = make_runner(SchedulerTarget(connect="ssh", ssh=ssh, timeout=2))
+    assert runner.read_file("/etc/hostname")  # the SFTP session is open
+    hung = _descendants(sshd["pid"])  # this connection's sshd processes (the listener stays)
+    assert hung
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(SchedulerUnavailable, match="no answer within 2s"):
+            runner.read_file("/etc/hostname")
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+        runner.close()

@@ -41,7 +41,7 @@ def make_runner(target) -> Runner:
     if target.connect == "ssh":
         from hpcfed.runner.ssh import SshRunner
 
-        return SshRunner(target.ssh)
+        return SshRunner(target.ssh, io_timeout=target.timeout)
     from hpcfed.runner.local import LocalRunner
 
     return LocalRunner()
