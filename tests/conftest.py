@@ -2,12 +2,72 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 
+import helpers
 import pytest
-from helpers import hpcfed, need
+from helpers import IN_CI, XDG_VARS, hpcfed, need
+
+# ---------------------------------------------------------------- isolation
+
+# One folder per test session, traversable by the cluster user (pytest's own tmp is root-only).
+_SESSION_DIR = tempfile.mkdtemp(prefix="hpcfed-test-")
+os.chmod(_SESSION_DIR, 0o755)
+_SEQUENCE = itertools.count(1)
+helpers.TEST_DIR = os.path.join(_SESSION_DIR, "session")
+_SKIPPED = pytest.StashKey[int]()
+_CONFIG: list = []
+
+
+@pytest.fixture(autouse=True)
+def own_directories(monkeypatch):
+    """Every test gets its own XDG config/data/state/cache directories, for root and (through
+    helpers.run(user=...)) for every other user: no test sees what an earlier run or an earlier
+    test left in a home directory."""
+    test_dir = os.path.join(_SESSION_DIR, f"{next(_SEQUENCE):04d}")
+    os.makedirs(test_dir, mode=0o755)
+    os.chmod(test_dir, 0o755)
+    helpers.TEST_DIR = test_dir
+    for var in XDG_VARS:
+        path = os.path.join(test_dir, "root", var.split("_")[1].lower())
+        os.makedirs(path, mode=0o700)
+        monkeypatch.setenv(var, path)
+    if helpers.HPCFED[0] != "/opt/hpcfed/venv/bin/hpcfed":
+        # A venv other than the one the bundled `local` profile names: its jobs run this hpcfed.
+        monkeypatch.setenv("HPCFED_SITE__HPCFED_COMMAND", helpers.HPCFED[0])
+    yield test_dir
+    helpers.TEST_DIR = os.path.join(_SESSION_DIR, "session")
+
+
+# ---------------------------------------------------------------- skipped tests are counted
+
+
+def pytest_configure(config):
+    _CONFIG.append(config)
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and _CONFIG:
+        stash = _CONFIG[0].stash
+        stash[_SKIPPED] = stash.get(_SKIPPED, 0) + 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_DIR, ignore_errors=True)
+    # CI=true: a skipped test is a missing part, and a missing part fails the run.
+    if IN_CI and session.config.stash.get(_SKIPPED, 0) and session.exitstatus == 0:
+        session.exitstatus = 1
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = config.stash.get(_SKIPPED, 0)
+    verdict = " (CI=true: a skipped test fails the run)" if IN_CI and skipped else ""
+    terminalreporter.write_line(f"hpcfed: {skipped} test(s) skipped{verdict}")
 
 
 @dataclass(frozen=True)

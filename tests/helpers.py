@@ -11,6 +11,32 @@ from typing import Mapping, Optional, Sequence
 # The installed command: `python -m hpcfed` would import a source tree in the working directory.
 HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 IN_CI = os.environ.get("CI") == "true"
+XDG_VARS = ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME")
+
+# The running test's own directory (set by the autouse fixture in conftest.py; outside a test,
+# e.g. in module fixtures, the session's): every hpcfed run, as root or as another user, keeps
+# its config, data and state there, so nothing an earlier run (or another test) left in a home
+# directory can change the outcome.
+TEST_DIR: Optional[str] = None
+
+
+def user_xdg(user: str) -> dict:
+    """XDG_* directories of `user` for the running test, created 0700 and owned by that user."""
+    import pwd
+
+    if TEST_DIR is None:
+        return {}
+    pw = pwd.getpwnam(user)
+    base = os.path.join(TEST_DIR, "users", user)
+    out = {}
+    for var in XDG_VARS:
+        path = os.path.join(base, var.split("_")[1].lower())
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        out[var] = path
+    for folder in [base] + list(out.values()):
+        os.chown(folder, pw.pw_uid, pw.pw_gid)
+        os.chmod(folder, 0o700)
+    return out
 
 
 def run(
@@ -34,9 +60,12 @@ def run(
 
         pw = pwd.getpwnam(user)
         full_env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
-        for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME", "XDG_CACHE_HOME"):
+        own = user_xdg(user)
+        for var in XDG_VARS:
             if not (env and var in env):
                 full_env.pop(var, None)
+                if var in own:
+                    full_env[var] = own[var]
         argv = ["runuser", "-u", user, "--"] + argv
     return subprocess.run(
         argv,
@@ -48,6 +77,14 @@ def run(
         input=input,
         cwd=cwd,
     )
+
+
+def user_env(user: str) -> dict:
+    """Environment entries for a process of `user`: its home and this test's XDG directories."""
+    import pwd
+
+    pw = pwd.getpwnam(user)
+    return dict(HOME=pw.pw_dir, USER=user, LOGNAME=user, **user_xdg(user))
 
 
 def hpcfed(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -64,3 +101,17 @@ def need(condition: bool, reason: str) -> None:
     if IN_CI:
         pytest.fail(f"required in CI: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def need_module(name: str, reason: str):
+    """Import a module a test file needs at import time: skip the file outside CI, fail in CI."""
+    import importlib
+
+    import pytest
+
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if IN_CI:
+            raise RuntimeError(f"required in CI: {reason}") from None
+        pytest.skip(reason, allow_module_level=True)

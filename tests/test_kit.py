@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import hpcfed, need
+from helpers import hpcfed, need, need_module
 
-nvflare = pytest.importorskip(
-    "nvflare", reason="needs the nvflare extra (pip install hpcfed[nvflare])"
-)
+nvflare = need_module("nvflare", "needs the nvflare extra (pip install hpcfed[nvflare])")
 from nvflare_dashboard import start_dashboard  # noqa: E402
 
 pytestmark = pytest.mark.nvflare

@@ -20,6 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from helpers import need
 
 from hpcfed.errors import KitError
 from hpcfed.kit import store
@@ -172,8 +173,10 @@ def test_unpack_wrong_pin_is_a_kit_error(tmp_path):
     import shutil
     import subprocess
 
-    if shutil.which("zip") is None:
-        pytest.skip("needs the zip binary to make a PIN-encrypted archive like the dashboard does")
+    need(
+        shutil.which("zip") is not None,
+        "needs the zip binary to make a PIN-encrypted archive like the dashboard does",
+    )
     kit = make_kit(tmp_path / "src")
     subprocess.run(
         ["zip", "-rq", "-P", "RIGHTPIN", str(tmp_path / "k.zip"), "."], cwd=kit, check=True

@@ -8,7 +8,7 @@ import os
 import textwrap
 
 import pytest
-from helpers import hpcfed
+from helpers import hpcfed, need
 
 
 @pytest.fixture()
@@ -255,8 +255,10 @@ def test_unreadable_config_directory_is_one_clear_line(tmp_path):
     """A config directory the user cannot enter (here: root's private pytest dir as another
     user) is named, not a traceback."""
     users = [u for u in ("hpcuser", "nobody") if _exists(u)]
-    if os.geteuid() != 0 or not users:
-        pytest.skip("needs root and another user to make a directory unreadable for")
+    need(
+        os.geteuid() == 0 and bool(users),
+        "needs root and another user to make a directory unreadable for",
+    )
     os.chmod(tmp_path, 0o700)
     proc = hpcfed(
         "sites", "show", "local", user=users[0], env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")}

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import HPCFED, hpcfed, need, run
+from helpers import HPCFED, hpcfed, need, run, user_env
 
 from hpcfed.rejoin import cron as c
 from hpcfed.rejoin import decide
@@ -177,11 +177,8 @@ def admin_cancel(job_id):
 def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_state):
     name, job_id = submit_sleeper(slurm_cluster, user_state)
     admin_cancel(job_id)
-    env = dict(os.environ, **user_state)
-    import pwd
-
-    pw = pwd.getpwnam(slurm_cluster.user)
-    env.update(HOME=pw.pw_dir, USER=pw.pw_name)
+    env = dict(os.environ, **user_env(slurm_cluster.user))
+    env.update(user_state)
     procs = [
         subprocess.Popen(
             ["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],

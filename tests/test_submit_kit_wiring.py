@@ -7,9 +7,9 @@ import json
 import shutil
 
 import pytest
-from helpers import hpcfed, need
+from helpers import hpcfed, need, need_module
 
-pytest.importorskip("nvflare", reason="needs the nvflare extra (pip install hpcfed[nvflare])")
+need_module("nvflare", "needs the nvflare extra (pip install hpcfed[nvflare])")
 from nvflare_dashboard import start_dashboard  # noqa: E402
 
 pytestmark = pytest.mark.nvflare

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import HPCFED, hpcfed, need, run
+from helpers import HPCFED, hpcfed, need, run, user_env
 
 pytestmark = pytest.mark.wireguard
 
@@ -211,7 +211,7 @@ class Tunnel:
         self.status = home / f"{name}.status"
         self.ready.unlink(missing_ok=True)
         self.log = open(tempfile.mktemp(prefix=f"tunnel-{user}-"), "w+")
-        env = dict(os.environ, HOME=str(home), USER=user)
+        env = dict(os.environ, **user_env(user))
         self.proc = subprocess.Popen(
             ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"]
             + HPCFED
