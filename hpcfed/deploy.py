@@ -9,9 +9,9 @@ from __future__ import annotations
 import getpass
 import uuid
 from collections import defaultdict
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
-from hpcfed.errors import ConfigError, HpcfedError, SchedulerUnavailable
+from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
 from hpcfed.plan import Plan, SchedulerTarget
 from hpcfed.scheduler import UNKNOWN, JobInfo
 from hpcfed.state import Deployment, DeploymentStore
@@ -155,3 +155,111 @@ def poll(deployments: Iterable[Deployment]) -> Tuple[Dict[str, JobInfo], Dict[st
             if runner is not None:
                 runner.close()
     return infos, errors, calls
+
+
+def status_rows(
+    deps: List[Deployment], history: bool = False
+) -> Tuple[List[dict], Dict[str, str], int]:
+    """One status row per deployment (one scheduler call per target for all of them).
+
+    Returns (rows, target -> error for unreachable schedulers, scheduler calls made). With
+    `history`, each row's events are the whole history, the job's own events included.
+    """
+    infos, errors, calls = poll(deps)
+    rows = []
+    for d in deps:
+        info = infos.get(d.name)
+        events = d.events
+        if history:  # a named deployment: its whole history, the job's own events included
+            from hpcfed.state.store import epoch
+
+            events = sorted(d.events + job_events(d), key=lambda e: epoch(e["time"]))
+        rows.append(
+            {
+                "name": d.name,
+                "site": d.site,
+                "role": d.role,
+                "framework": d.framework,
+                "job_id": d.job_id,
+                "state": "STOPPED"
+                if d.stopped and (not info or not info.active)
+                else (info.state if info else "NOT_SUBMITTED"),
+                "job_state": info.state if info else None,
+                "reason": info.reason if info else "",
+                "node": info.node if info else "",
+                "stopped": d.stopped,
+                "jobs": d.jobs,
+                "events": events,
+            }
+        )
+    return rows, errors, calls
+
+
+def read_log(
+    dep: Deployment,
+    job_id: Optional[str] = None,
+    follow: bool = False,
+    progress=lambda m: None,
+    interval: float = 1.0,
+) -> Iterator[bytes]:
+    """The output of a deployment's job (the latest unless `job_id`), chunk by chunk.
+
+    With `follow`, keeps reading until the job ends, then reads once more and reports the
+    job's final state through `progress`.
+    """
+    import time
+
+    if not dep.jobs:
+        raise NotFound(f"deployment {dep.name} has no job yet")
+    job_id = job_id or dep.jobs[-1]["job_id"]
+    if job_id not in {j["job_id"] for j in dep.jobs}:
+        raise NotFound(f"--job {job_id}: not a job of deployment {dep.name}")
+    plan = Plan.model_validate(dep.plan)
+    path = plan.log_path(job_id)
+    runner, scheduler = connect(plan.scheduler)
+    offset = 0
+    try:
+        while True:
+            try:
+                chunk = runner.read_file(path, offset)
+            except FileNotFoundError:
+                chunk = b""
+                if not follow:
+                    raise NotFound(f"{path} on {runner.where}: no log yet (job pending?)") from None
+            if chunk:
+                offset += len(chunk)
+                yield chunk
+            if not follow:
+                return
+            info = scheduler.query([job_id])[job_id]
+            if not info.active and info.state != "UNKNOWN":
+                # one last read: the job may have written its final lines meanwhile
+                try:
+                    tail = runner.read_file(path, offset)
+                except FileNotFoundError:
+                    tail = b""
+                if tail:
+                    yield tail
+                progress(f"job {job_id} {info.state}")
+                return
+            time.sleep(interval)
+    finally:
+        runner.close()
+
+
+def cancel(store: DeploymentStore, name: str) -> Deployment:
+    """Cancel a deployment's job and mark it stopped on purpose (rejoin leaves it alone)."""
+    with store.lock(name):
+        dep = store.require(name)
+        plan = Plan.model_validate(dep.plan)
+        # Mark first: a rejoin running meanwhile must not bring it back.
+        dep.stopped = True
+        dep.add_event("stopped", "hpcfed cancel")
+        store.put(dep)
+        if dep.job_id:
+            runner, scheduler = connect(plan.scheduler)
+            try:
+                scheduler.cancel(dep.job_id)
+            finally:
+                runner.close()
+    return dep
