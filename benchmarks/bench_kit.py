@@ -66,6 +66,7 @@ def main() -> None:
                 + [
                     "kit",
                     "pull",
+                    "--insecure-http",
                     "--dashboard",
                     dash.url,
                     "--user",
@@ -91,7 +92,7 @@ def main() -> None:
             verify_cli.append(time.monotonic() - t0)
             assert proc.returncode == 0, proc.stdout + proc.stderr
 
-        client = Dashboard(dash.url)
+        client = Dashboard(dash.url, insecure_http=True)
         login = client.login(EMAIL, dash.users[EMAIL])
         site = client.find_site(login, "site-1")
         for _ in range(args.runs):

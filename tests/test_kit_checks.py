@@ -196,6 +196,34 @@ def test_unpack_strips_one_top_level_folder_of_older_kits(tmp_path):
     assert unpack_kit(data, tmp_path, None) == tmp_path / "site-1"
 
 
+def test_unpack_refuses_a_duplicate_member(tmp_path):
+    # zipfile warns about the duplicate name but writes it: a dashboard could send it too
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = zip_bytes({"startup/fed_client.json": b"{}"})
+        buf = io.BytesIO(data)
+        with zipfile.ZipFile(buf, "a") as z:
+            z.writestr("startup/fed_client.json", b'{"evil": 1}')
+    with pytest.raises(KitError, match="holds 'startup/fed_client.json' twice"):
+        unpack_kit(buf.getvalue(), tmp_path, None)
+    assert not (tmp_path / "startup").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"startup/local": b"x", "startup/local/x.json": b"{}"},  # file, then a folder
+        {"startup/local/x.json": b"{}", "startup/local": b"x"},  # folder, then a file
+        {"startup/a/": None, "startup/a": b"x"},  # an explicit folder entry
+    ],
+)
+def test_unpack_refuses_a_file_folder_clash(tmp_path, entries):
+    with pytest.raises(KitError, match="'startup/(local|a)' as both a file and a folder"):
+        unpack_kit(zip_bytes(entries), tmp_path, None)
+
+
 # --- store --------------------------------------------------------------------------------------
 @pytest.fixture
 def data_home(tmp_path, monkeypatch):

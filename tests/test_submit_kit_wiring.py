@@ -47,6 +47,7 @@ def user_env(dashboard, tmp_path_factory):
         proc = hpcfed(
             "kit",
             "pull",
+            "--insecure-http",
             "--dashboard",
             dashboard.url,
             "--user",

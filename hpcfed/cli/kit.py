@@ -126,8 +126,34 @@ def _human_kit(k: dict) -> None:
     is_flag=True,
     help="Accept a new root CA for this federation (only after the admin confirms it changed).",
 )
+@click.option(
+    "--insecure-http",
+    is_flag=True,
+    help="Allow a plain http:// dashboard URL, and only on loopback (a local test dashboard).",
+)
+@click.option(
+    "--max-download",
+    metavar="SIZE",
+    default="512M",
+    show_default=True,
+    help="Refuse a kit download larger than this (K, M, G).",
+)
 @json_option
-def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, as_json):
+def pull(
+    url,
+    email,
+    site,
+    store_as,
+    role,
+    org,
+    register,
+    gpus,
+    profile,
+    repin,
+    insecure_http,
+    max_download,
+    as_json,
+):
     """Download, check and install the startup kit for a site.
 
     The password comes from HPCFED_DASHBOARD_PASSWORD, the keyring, or a prompt. The download
@@ -141,8 +167,13 @@ def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, 
       hpcfed kit pull --dashboard https://flare.example.org --user admin@lab.org --role server --site hub
       hpcfed kit pull --dashboard https://flare.example.org --user me@lab.org --site ohsu-gpu-1 --as ohsu
     """
+    from hpcfed.kit.dashboard import normalise_url, parse_size
     from hpcfed.kit.pull import PullPlan, pull_kit
 
+    try:
+        limit = parse_size(max_download)
+    except ValueError as exc:
+        raise ConfigError(f"--max-download {exc}") from None
     mem = 0
     if register and gpus is None:
         capacity = _profile_capacity(profile or store_as or site or "")
@@ -162,7 +193,10 @@ def pull(url, email, site, store_as, role, org, register, gpus, profile, repin, 
         mem_per_gpu_gib=mem,
         repin=repin,
         store_as=store_as,
+        insecure_http=insecure_http,
+        max_download=limit,
     )
+    normalise_url(url, insecure_http)  # refuse a bad URL before asking for a password
     result = pull_kit(plan, _password(url, email), progress=progress)
     for warning in result.report.warnings:
         progress(f"warning: {warning}")

@@ -12,7 +12,7 @@ import os
 import stat
 import zipfile
 from pathlib import Path, PurePosixPath
-from typing import Optional
+from typing import List, Optional, Set, Tuple
 
 from hpcfed.errors import KitError
 
@@ -34,6 +34,32 @@ def _safe_parts(name: str) -> Optional[tuple]:
     return parts
 
 
+def _check_layout(members: List[zipfile.ZipInfo], label: str) -> None:
+    """One entry per path, and no path both a file and a folder (`a` and `a/b`): either would
+    make the unpacked kit depend on member order, so the archive is refused whole."""
+    files: Set[Tuple[str, ...]] = set()
+    folders: Set[Tuple[str, ...]] = set()
+    for info in members:
+        parts = _safe_parts(info.filename)
+        if not parts:
+            continue
+        folders.update(parts[:i] for i in range(1, len(parts)))
+        if info.is_dir():
+            folders.add(parts)
+        elif parts in files:
+            raise KitError(
+                f"the {label} archive holds {info.filename!r} twice; refusing to unpack it"
+            )
+        else:
+            files.add(parts)
+    clash = sorted(files & folders)
+    if clash:
+        raise KitError(
+            f"the {label} archive holds {'/'.join(clash[0])!r} as both a file and a folder; "
+            "refusing to unpack it"
+        )
+
+
 def unpack_kit(data: bytes, target: Path, pin: Optional[str], label: str = "kit") -> Path:
     """Unpack zip bytes into the empty directory `target`; return the kit root inside it.
 
@@ -53,11 +79,13 @@ def unpack_kit(data: bytes, target: Path, pin: Optional[str], label: str = "kit"
             f"the {label} archive is implausibly large for a startup kit; refusing to unpack it"
         )
     for info in members:
-        parts = _safe_parts(info.filename)
-        if parts is None:
+        if _safe_parts(info.filename) is None:
             raise KitError(
                 f"the {label} archive holds an unsafe path {info.filename!r}; refusing to unpack it"
             )
+    _check_layout(members, label)
+    for info in members:
+        parts = _safe_parts(info.filename)
         if not parts:
             continue
         mode = info.external_attr >> 16

@@ -14,7 +14,7 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -50,6 +50,9 @@ class KitFacts:
     root_fingerprint: str  # "sha256:<hex>" of the root CA certificate (DER)
     not_after: str  # ISO-8601 UTC expiry of the leaf certificate
     signed: bool  # carries signature.json (NVFlare <= 2.7)
+    # folders (relative, e.g. "startup") holding signature.json: recorded at install, so a
+    # signature.json deleted later cannot turn a signed folder into an unchecked one
+    signed_folders: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -161,15 +164,27 @@ def gpu_capacity(kit: Path) -> Optional[int]:
     return None
 
 
-def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> bool:
-    """Every folder holding signature.json: each file in it is listed and verifies (RSA-PSS)."""
+def recorded_signed_folders(kit: Path) -> List[str]:
+    """The folders hpcfed found signed when it installed this kit (from its metadata file)."""
+    try:
+        facts = json.loads((kit / METADATA).read_text()).get("facts") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    folders = facts.get("signed_folders") or []
+    return [f for f in folders if isinstance(f, str)]
+
+
+def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> List[str]:
+    """Every folder holding signature.json: each file in it is listed and verifies (RSA-PSS).
+
+    Returns the folders that hold one."""
     public_key = root.public_key()
-    found = False
+    found: List[str] = []
     for folder, _dirs, files in os.walk(kit):
         if SIGNATURE_FILE not in files:
             continue
-        found = True
         rel = os.path.relpath(folder, kit)
+        found.append(rel)
         try:
             signatures = json.loads(Path(folder, SIGNATURE_FILE).read_text())
         except (OSError, ValueError):
@@ -197,13 +212,27 @@ def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> b
     return found
 
 
+def _missing_signatures(signed: List[str], required: Sequence[str]) -> List[str]:
+    """Folders that must hold signature.json and do not.
+
+    NVFlare <= 2.7 always signs startup/, so a kit signed anywhere must be signed there; and a
+    folder signed when the kit was installed (or when its federation was pinned) stays signed.
+    """
+    must = set(required) | ({"startup"} if signed else set())
+    return sorted(must - set(signed))
+
+
 def verify_kit(
     path,
     expected_name: Optional[str] = None,
     pinned_fingerprint: Optional[str] = None,
     now: Optional[dt.datetime] = None,
+    signed_folders: Sequence[str] = (),
 ) -> KitReport:
-    """Run every check on the kit unpacked at `path`; see the module docstring."""
+    """Run every check on the kit unpacked at `path`; see the module docstring.
+
+    signed_folders: folders that must carry signature.json (besides those the kit's own
+    metadata recorded at install)."""
     kit = Path(path)
     report = KitReport(path=str(kit))
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -301,7 +330,12 @@ def verify_kit(
     # 6. legacy kits (NVFlare <= 2.7): every signed file verifies against the root CA
     errors_before = len(report.errors)
     signed = _check_signatures(kit, root, report)
-    if signed:
+    for folder in _missing_signatures(signed, list(signed_folders) + recorded_signed_folders(kit)):
+        report.errors.append(
+            f"{folder}/{SIGNATURE_FILE} is missing, but the kit was signed (NVFlare <= 2.7): "
+            "its files can no longer be checked; pull the kit again"
+        )
+    if signed or len(report.errors) > errors_before:
         report.checks["signatures"] = len(report.errors) == errors_before
 
     try:
@@ -320,7 +354,8 @@ def verify_kit(
         gpu_capacity=gpus,
         root_fingerprint=root_fp,
         not_after=not_after.isoformat(),
-        signed=signed,
+        signed=bool(signed),
+        signed_folders=tuple(sorted(signed)),
     )
     return report
 

@@ -9,6 +9,7 @@ only when the body is a zip.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import secrets
 import string
@@ -18,11 +19,12 @@ from urllib.parse import urlsplit
 
 import requests
 
-from hpcfed.errors import KitError, NotFound
+from hpcfed.errors import ConfigError, KitError, NotFound
 from hpcfed.kit.archive import is_zip
 
 API_BASES = ("/nvflare-dashboard/api/v1", "/api/v1")  # 2.6+, then 2.5 and older
 PIN_ALPHABET = string.ascii_uppercase + string.digits  # the dashboard accepts ^[A-Za-z0-9]+$
+MAX_DOWNLOAD = 512 * 1024 * 1024  # bytes of one kit download (kit pull --max-download)
 
 
 def new_pin(length: int = 12) -> str:
@@ -30,17 +32,64 @@ def new_pin(length: int = 12) -> str:
     return "".join(secrets.choice(PIN_ALPHABET) for _ in range(length))
 
 
-def normalise_url(url: str) -> str:
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def normalise_url(url: str, insecure_http: bool = False) -> str:
+    """The dashboard's base URL, or ConfigError: https only (plain http only to loopback, with
+    --insecure-http), and never with credentials in it (they would be printed and stored)."""
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise KitError(
-            f"dashboard URL {url!r} is not an http(s) URL (e.g. https://dashboard.example.org)"
+    host = parts.hostname or ""
+    if parts.username is not None or parts.password is not None:
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise ConfigError(
+            f"dashboard URL {shown}: remove the user:password@ part (the password comes from "
+            "HPCFED_DASHBOARD_PASSWORD, the keyring or a prompt; the e-mail from --user)"
         )
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(
+            f"dashboard URL {url!r} is not an https URL (e.g. https://dashboard.example.org)"
+        )
+    if parts.scheme == "http":
+        if not insecure_http:
+            raise ConfigError(
+                f"dashboard URL {url}: plain http would carry your password, the kit's private key "
+                "and its download PIN in clear; use https (--insecure-http allows http to a "
+                "dashboard on this machine only)"
+            )
+        if not _is_loopback(host):
+            raise ConfigError(
+                f"dashboard URL {url}: --insecure-http is only for a dashboard on loopback "
+                "(localhost, 127.0.0.0/8, ::1); use https"
+            )
     for base in API_BASES:
         if url.endswith(base):
             url = url[: -len(base)]
     return url
+
+
+def _size(n: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
+
+
+def parse_size(text: str) -> int:
+    """`512M`, `1G`, `64K`, `1048576` -> bytes (binary units); ValueError otherwise."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    factor = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    number = t[:-1] if factor > 1 else t
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"{text!r} is not a size (e.g. 512M, 1G, 64K)")
+    return int(number) * factor
 
 
 @dataclass(frozen=True)
@@ -63,9 +112,17 @@ def _claims(token: str) -> Dict[str, Any]:
 
 
 class Dashboard:
-    def __init__(self, url: str, timeout: float = 120, verify_tls=True):
-        self.url = normalise_url(url)
+    def __init__(
+        self,
+        url: str,
+        timeout: float = 120,
+        verify_tls: bool = True,
+        insecure_http: bool = False,
+        max_download: int = MAX_DOWNLOAD,
+    ):
+        self.url = normalise_url(url, insecure_http)
         self.timeout = timeout
+        self.max_download = max_download
         self.session = requests.Session()
         self.session.verify = verify_tls
         self.api = self._detect_api()
@@ -123,6 +180,29 @@ class Dashboard:
             raise KitError(
                 f"the dashboard does not allow {login.email} to {action} (HTTP 403 {status})"
             )
+
+    def _read_capped(self, resp: Any, who: str) -> bytes:
+        """The response body, refused as soon as it passes max_download bytes (never buffered
+        whole first: a broken or hostile dashboard must not fill memory or disk)."""
+        chunks, total = [], 0
+        try:
+            for chunk in resp.iter_content(chunk_size=1 << 16):
+                total += len(chunk)
+                if total > self.max_download:
+                    raise KitError(
+                        f"the kit download for {who} from {self.url} is larger than "
+                        f"{_size(self.max_download)}; refusing it (kit pull --max-download)"
+                    )
+                chunks.append(chunk)
+        except requests.RequestException as exc:
+            raise KitError(
+                f"the kit download from {self.url} broke off: {type(exc).__name__}"
+            ) from None
+        finally:
+            resp.close()
+        body = b"".join(chunks)
+        resp._content = body  # where requests keeps a read body: .json() works on it again
+        return body
 
     # --- API ------------------------------------------------------------------------------
     def project(self) -> Dict[str, Any]:
@@ -191,8 +271,8 @@ class Dashboard:
             path, who = "/servers/1/blob", "the server"
         else:
             path, who = f"/users/{login.user_id}/blob", f"user {login.email}"
-        resp = self._request("POST", path, login, json={"pin": pin})
-        body = resp.content
+        resp = self._request("POST", path, login, json={"pin": pin}, stream=True)
+        body = self._read_capped(resp, who)
         if resp.status_code == 200 and is_zip(body):
             return body
         status = self._json(resp).get("status", "")

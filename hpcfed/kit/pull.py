@@ -15,7 +15,7 @@ from hpcfed.errors import KitError, NotFound
 from hpcfed.kit import store
 from hpcfed.kit.archive import unpack_kit
 from hpcfed.kit.checks import KitReport, require_ok, verify_kit
-from hpcfed.kit.dashboard import Dashboard, new_pin
+from hpcfed.kit.dashboard import MAX_DOWNLOAD, Dashboard, new_pin
 
 Progress = Callable[[str], None]
 
@@ -36,6 +36,8 @@ class PullPlan:
     mem_per_gpu_gib: int = 0
     repin: bool = False
     store_as: Optional[str] = None  # the hpcfed site name to store the kit under, if not --site
+    insecure_http: bool = False  # allow http:// to a dashboard on loopback (tests, demos)
+    max_download: int = MAX_DOWNLOAD  # bytes; a larger kit download is refused
 
 
 @dataclass(frozen=True)
@@ -88,12 +90,15 @@ def _install_checked(
             report.facts.root_fingerprint,
             report.facts.federation,
             dashboard,
+            report.facts.signed_folders,
         )
     return PullResult(kit=kit, report=report, pinned=pinned)
 
 
 def pull_kit(plan: PullPlan, password: str, progress: Progress = lambda m: None) -> PullResult:
-    dash = Dashboard(plan.dashboard)
+    dash = Dashboard(
+        plan.dashboard, insecure_http=plan.insecure_http, max_download=plan.max_download
+    )
     progress(f"logging in to {dash.url} as {plan.email}")
     login = dash.login(plan.email, password)
     project = dash.project()
@@ -184,7 +189,10 @@ def verify_with_pin(
         if pin is not None:
             pinned = True
             report = verify_kit(
-                path, expected_name=expected_name, pinned_fingerprint=pin["fingerprint"]
+                path,
+                expected_name=expected_name,
+                pinned_fingerprint=pin["fingerprint"],
+                signed_folders=pin.get("signed_folders") or (),
             )
         else:
             report.warnings.append(

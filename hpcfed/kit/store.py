@@ -24,7 +24,7 @@ import secrets
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from hpcfed import names, paths
 from hpcfed.errors import ConfigError, KitError, NotFound
@@ -298,12 +298,20 @@ def pins_for_dashboard(dashboard: str) -> List[Dict]:
     return out
 
 
-def set_pin(federation: str, fingerprint: str, subject: str, dashboard: Optional[str]) -> Dict:
+def set_pin(
+    federation: str,
+    fingerprint: str,
+    subject: str,
+    dashboard: Optional[str],
+    signed_folders: Sequence[str] = (),
+) -> Dict:
     pin = {
         "federation": federation,
         "fingerprint": fingerprint,
         "subject": subject,
         "dashboard": dashboard,
+        # this federation's kits were signed there (NVFlare <= 2.7): `kit verify` requires it
+        "signed_folders": sorted(signed_folders),
         "pinned_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     paths.private_mkdir(pins_dir())
