@@ -12,7 +12,10 @@ from helpers import hpcfed
 
 
 @pytest.fixture()
-def env(tmp_path):
+def env(tmp_path, monkeypatch):
+    # the profile files below are the only source of hpcfed_command (conftest points it at the
+    # venv under test through the environment, which would win over a file)
+    monkeypatch.delenv("HPCFED_SITE__HPCFED_COMMAND", raising=False)
     e = {
         "XDG_CONFIG_HOME": str(tmp_path / "cfg"),
         "XDG_STATE_HOME": str(tmp_path / "state"),
