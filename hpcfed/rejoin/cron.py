@@ -10,8 +10,9 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+from hpcfed import paths
 from hpcfed.errors import ConfigError, EnvironmentProblem
 from hpcfed.paths import hpcfed_command
 
@@ -39,8 +40,38 @@ def hpcfed_argv() -> List[str]:
     return hpcfed_command()
 
 
+# The directories hpcfed keeps its files in: cron starts the entry with almost no environment,
+# so without them rejoin would look for the user's deployments in the default places.
+def xdg_bases() -> List[Tuple[str, str]]:
+    """(variable, absolute directory) of each XDG base this invocation resolves."""
+    return [
+        ("XDG_CONFIG_HOME", os.path.abspath(paths.config_dir().parent)),
+        ("XDG_DATA_HOME", os.path.abspath(paths.data_dir().parent)),
+        ("XDG_STATE_HOME", os.path.abspath(paths.state_dir().parent)),
+    ]
+
+
+def _word(kind: str, text: str) -> str:
+    r"""One shell word of the entry, written so that the (s)crontab line means exactly it.
+
+    crontab(5) turns an unescaped % into a newline (the rest becomes stdin) and `\%` into %;
+    whether scrontab does the same is not documented, so a % is refused there, and a backslash
+    (whose handling differs between cron implementations) in both.
+    """
+    if "\\" in text or "\n" in text or (kind == "scrontab" and "%" in text):
+        bad = "a backslash or newline" if kind == "crontab" else "a %, backslash or newline"
+        raise ConfigError(
+            f"{text!r}: {bad} cannot be written into a {kind} entry safely; "
+            "use a path without it" + (" or --crontab" if "%" in text else "")
+        )
+    word = shlex.quote(text)
+    return word.replace("%", "\\%") if kind == "crontab" else word
+
+
 def block(kind: str, every: str, log_file: str, scron_options: List[str]) -> List[str]:
-    cmd = " ".join(shlex.quote(a) for a in hpcfed_argv() + ["rejoin", "--log-file", log_file])
+    argv = hpcfed_argv() + ["rejoin", "--log-file", log_file]
+    env = [f"{var}={_word(kind, value)}" for var, value in xdg_bases()]
+    cmd = " ".join(env + [_word(kind, a) for a in argv])
     lines = [MARK]
     if kind == "scrontab":
         lines.append("#SCRON " + " ".join(["--job-name=hpcfed-rejoin", "--time=5"] + scron_options))
