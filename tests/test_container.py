@@ -454,7 +454,9 @@ def test_submitted_role_runs_inside_the_built_image(
         kit = tempfile.mkdtemp(prefix="hpcfed-rootkit-") + "/site-1"
         shutil.copytree(client_kit, kit)
         request.addfinalizer(lambda: shutil.rmtree(os.path.dirname(kit), ignore_errors=True))
-    host_env = {"HPCFED_TEST_HOST_VAR": "must-not-leak"}
+    # A variable of the job's environment (set by the profile's setup lines: the submitting
+    # shell's own variables no longer reach any job, see test_job_env.py).
+    host_env = {"HPCFED_SITE__SETUP": '["export HPCFED_TEST_HOST_VAR=must-not-leak"]'}
     name = f"ctr-{who}-{uuid.uuid4().hex[:6]}"
     proc = _submit(
         user,

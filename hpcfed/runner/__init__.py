@@ -7,7 +7,35 @@ use. Relative paths are relative to the (cluster) home directory, where commands
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Dict, Mapping, Optional, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from hpcfed.plan import SchedulerTarget
+
+# Variables through which a shell steers Slurm's commands (sbatch reads SBATCH_* as options and
+# passes SLURM_* into the job; squeue/sacct/scancel read their own). The submitting shell's must
+# not change what hpcfed submits, reads or cancels: a shell inside a job (scrontab) has dozens.
+SLURM_STEERING = (
+    "SBATCH_",
+    "SLURM_",
+    "SQUEUE_",
+    "SACCT_",
+    "SCANCEL_",
+    "SCONTROL_",
+    "SALLOC_",
+    "SRUN_",
+    "SINFO_",
+)
+KEEP = frozenset({"SLURM_CONF"})  # where the cluster's configuration is: needed to reach it at all
+
+
+def command_env(environ: Mapping[str, str], extra: Optional[Mapping[str, str]]) -> Dict[str, str]:
+    """The environment of a scheduler command: the caller's without Slurm-steering variables,
+    messages in the C locale (parsed, never translated), plus `extra` (the profile's env)."""
+    env = {k: v for k, v in environ.items() if k in KEEP or not k.startswith(SLURM_STEERING)}
+    env["LC_ALL"] = "C"
+    env.update(extra or {})
+    return env
 
 
 @dataclass(frozen=True)
@@ -36,7 +64,7 @@ class Runner(Protocol):
     def close(self) -> None: ...
 
 
-def make_runner(target) -> Runner:
+def make_runner(target: SchedulerTarget) -> Runner:
     """The runner for a plan's SchedulerTarget (hpcfed.plan.SchedulerTarget)."""
     if target.connect == "ssh":
         from hpcfed.runner.ssh import SshRunner

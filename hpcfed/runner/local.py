@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence
 
 from hpcfed.errors import EnvironmentProblem, SchedulerUnavailable
-from hpcfed.runner import Result
+from hpcfed.runner import Result, command_env
 
 
 class LocalRunner:
@@ -29,12 +29,10 @@ class LocalRunner:
         input: Optional[str] = None,
         timeout: float = 30,
     ) -> Result:
-        full_env = dict(os.environ)
-        full_env.update(env or {})
         try:
             proc = subprocess.run(
                 list(argv),
-                env=full_env,
+                env=command_env(os.environ, env),
                 input=input,
                 capture_output=True,
                 text=True,
