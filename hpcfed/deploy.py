@@ -11,6 +11,8 @@ import uuid
 from collections import defaultdict
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
+from pydantic import ValidationError
+
 from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
 from hpcfed.plan import Plan, SchedulerTarget
 from hpcfed.scheduler import UNKNOWN, JobInfo
@@ -128,14 +130,23 @@ def poll(deployments: Iterable[Deployment]) -> Tuple[Dict[str, JobInfo], Dict[st
     """
     groups: Dict[str, List[Deployment]] = defaultdict(list)
     targets: Dict[str, SchedulerTarget] = {}
+    infos: Dict[str, JobInfo] = {}
     for dep in deployments:
         if not dep.job_id:
             continue
-        target = SchedulerTarget.model_validate(dep.plan["scheduler"])
+        try:
+            target = SchedulerTarget.model_validate(dep.plan.get("scheduler"))
+        except ValidationError:
+            # This record alone cannot be asked about; the others still are.
+            infos[dep.name] = JobInfo(
+                job_id=dep.job_id,
+                state=UNKNOWN,
+                reason="the record's scheduler settings are unreadable",
+            )
+            continue
         key = target.model_dump_json()
         groups[key].append(dep)
         targets[key] = target
-    infos: Dict[str, JobInfo] = {}
     errors: Dict[str, str] = {}
     calls = 0
     for key, deps in groups.items():

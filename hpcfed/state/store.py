@@ -5,16 +5,45 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional
 
 from hpcfed import paths
-from hpcfed.errors import NotFound
+from hpcfed.errors import ConfigError, NotFound
 from hpcfed.names import check_name
 from hpcfed.state.lock import lease_lock
+
+# The record layout's version, written into every record. A record of an older version is
+# migrated when read (MIGRATIONS); one of a newer version is refused, that record alone.
+SCHEMA_VERSION = 1
+# version -> the change that turns a record of that version into one of the next
+MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
+    0: lambda d: d,  # before versions: same layout
+}
+# field -> type a readable record must have there
+REQUIRED = {
+    "name": str,
+    "deployment_id": str,
+    "site": str,
+    "role": str,
+    "framework": str,
+    "plan": dict,
+    "jobs": list,
+}
+
+
+class BadRecord(ConfigError):
+    """A deployment record this hpcfed cannot use (unreadable, foreign, or from a newer hpcfed)."""
+
+
+def warn_skipped(problem: BadRecord) -> None:
+    """What a listing does with a bad record by default: one line on stderr, then goes on."""
+    sys.stderr.write(f"hpcfed: warning: {problem}; skipped\n")
+    sys.stderr.flush()
 
 
 def now() -> str:
@@ -53,6 +82,7 @@ class Deployment:
 
     def to_dict(self) -> Dict[str, Any]:
         return {
+            "schema": SCHEMA_VERSION,
             "name": self.name,
             "deployment_id": self.deployment_id,
             "site": self.site,
@@ -87,9 +117,45 @@ class Deployment:
         )
 
 
+def parse_record(path: Path, raw: bytes) -> Deployment:
+    """The deployment in a record file's bytes, migrated to SCHEMA_VERSION, or BadRecord."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except ValueError:  # also UnicodeDecodeError
+        raise BadRecord(f"{path}: not a deployment record (not JSON)") from None
+    if not isinstance(data, dict):
+        raise BadRecord(f"{path}: not a deployment record (a JSON {type(data).__name__})")
+    version = data.get("schema", 0)
+    if not isinstance(version, int) or version < 0:
+        raise BadRecord(f"{path}: not a deployment record (schema {version!r})")
+    if version > SCHEMA_VERSION:
+        raise BadRecord(
+            f"{path}: written by a newer hpcfed (record schema {version}; this one reads up to "
+            f"{SCHEMA_VERSION}): use that hpcfed for this deployment"
+        )
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version += 1
+    for key, kind in REQUIRED.items():
+        if not isinstance(data.get(key), kind):
+            raise BadRecord(
+                f"{path}: not a deployment record ({key!r} missing or not a {kind.__name__})"
+            )
+    if data["name"] != path.name[: -len(".json")]:
+        raise BadRecord(f"{path}: holds deployment {data['name']!r}, not the one its name says")
+    if not all(isinstance(j, dict) and isinstance(j.get("job_id"), str) for j in data["jobs"]):
+        raise BadRecord(f"{path}: not a deployment record (a job without a job_id)")
+    return Deployment.from_dict(data)
+
+
 class DeploymentStore:
-    def __init__(self, root: Optional[Path] = None):
+    def __init__(
+        self,
+        root: Optional[Path] = None,
+        on_bad: Callable[[BadRecord], None] = warn_skipped,
+    ):
         self.root = Path(root) if root else paths.state_dir() / "deployments"
+        self.on_bad = on_bad  # what all() does with a record it cannot use
 
     def _file(self, name: str) -> Path:
         return self.root / f"{check_name('deployment', name)}.json"
@@ -98,10 +164,18 @@ class DeploymentStore:
         paths.private_mkdir(self.root)
 
     def get(self, name: str) -> Optional[Deployment]:
+        """The deployment, None when there is none, BadRecord when its record is unusable."""
+        return self._read(self._file(name))
+
+    @staticmethod
+    def _read(path: Path) -> Optional[Deployment]:
         try:
-            return Deployment.from_dict(json.loads(self._file(name).read_text()))
+            raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            raise BadRecord(f"{path}: cannot read ({exc.strerror})") from None
+        return parse_record(path, raw)
 
     def require(self, name: str) -> Deployment:
         dep = self.get(name)
@@ -110,14 +184,18 @@ class DeploymentStore:
         return dep
 
     def all(self) -> List[Deployment]:
+        """Every usable deployment; each bad record goes to on_bad (one line) and is skipped."""
         if not self.root.is_dir():
             return []
         out = []
         for p in sorted(self.root.glob("*.json")):
             try:
-                out.append(Deployment.from_dict(json.loads(p.read_text())))
-            except (FileNotFoundError, json.JSONDecodeError):
-                continue  # removed, or a foreign file
+                dep = self._read(p)
+            except BadRecord as problem:
+                self.on_bad(problem)
+                continue
+            if dep is not None:  # None: removed meanwhile
+                out.append(dep)
         return out
 
     def put(self, dep: Deployment) -> None:
@@ -135,7 +213,7 @@ class DeploymentStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def lock(self, name: str, lease: float = 120.0, wait: float = 60.0):
+    def lock(self, name: str, lease: float = 120.0, wait: float = 60.0) -> ContextManager[str]:
         """Lock one deployment for a read-modify-write across processes and login nodes."""
         self._ensure()
         return lease_lock(
