@@ -410,3 +410,41 @@ def test_no_record_but_the_role_exited_by_itself_is_not_resubmitted(slurm_cluste
     ]
     assert out["action"] == "resubmitted" and "GONE" in out["detail"], out
     as_user(slurm_cluster, user_state, "cancel", name)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_a_job_of_another_user_with_our_marker_is_never_adopted(slurm_cluster, user_state):
+    """Job names and comments are free text: another user (here root) can submit a job carrying
+    exactly our deployment's name and marker. rejoin must look only at the user's own jobs."""
+    name, job_id = submit_sleeper(slurm_cluster, user_state)
+    record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+    plan = json.loads(record.read_text())["plan"]
+    admin_cancel(job_id)
+    foreign = run(
+        [
+            "sbatch",
+            "--parsable",
+            f"--job-name={plan['job_name']}",
+            f"--comment={plan['comment']}",
+            "--partition=debug",
+            "--output=/dev/null",
+            "--wrap=sleep 300",
+        ]
+    )
+    assert foreign.returncode == 0, foreign.stderr
+    foreign_id = foreign.stdout.strip().split(";")[0]
+    try:
+        assert int(foreign_id) > int(job_id)
+        proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)["deployments"][0]
+        assert out["action"] == "resubmitted", out
+        assert out["new_job_id"] != foreign_id
+        owner = run(["squeue", "--noheader", "-j", out["new_job_id"], "--format=%u"]).stdout
+        assert owner.strip() == slurm_cluster.user
+        jobs = [j["job_id"] for j in json.loads(record.read_text())["jobs"]]
+        assert foreign_id not in jobs and jobs[-1] == out["new_job_id"]
+    finally:
+        run(["scancel", foreign_id])
+        as_user(slurm_cluster, user_state, "cancel", name)

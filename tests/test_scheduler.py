@@ -48,6 +48,12 @@ def test_parse_sacct_last_record_wins_and_states_are_normalised():
     assert jobs["21"].node == ""
 
 
+def test_find_looks_at_the_users_own_jobs_only():
+    # the sbatch-timeout fallback and rejoin's adoption both go through it
+    argv = sc.find_command("hpcfed-a")
+    assert "--me" in argv and "--name=hpcfed-a" in argv
+
+
 def test_parse_find_matches_the_comment_marker_only():
     out = "31|hpcfed:a:other\n32|hpcfed:a:abc\n104|hpcfed:a:abc\n"
     assert sc.parse_find(out, "hpcfed:a:abc") == "104"  # the newest

@@ -118,7 +118,15 @@ def cancel_command(job_id: str, signal: Optional[str] = None) -> List[str]:
 
 
 def find_command(job_name: str) -> List[str]:
-    return ["squeue", "--noheader", "--states=all", f"--name={job_name}", "--format=%i|%k"]
+    # --me: names and comments are free text, so only the user's own jobs can be proof.
+    return [
+        "squeue",
+        "--noheader",
+        "--me",
+        "--states=all",
+        f"--name={job_name}",
+        "--format=%i|%k",
+    ]
 
 
 def parse_find(stdout: str, comment: str) -> Optional[str]:
