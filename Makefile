@@ -4,7 +4,7 @@ VENV ?= /opt/hpcfed/venv
 HPCFED := $(VENV)/bin/hpcfed
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test demo demo-down install bench clean
+.PHONY: bootstrap test lint test-fresh demo demo-down install bench clean
 
 bootstrap:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap
@@ -13,8 +13,21 @@ bootstrap:
 install:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap.d/20-python.sh
 
-test: bootstrap
+test: bootstrap lint
 	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# ruff (lint + format) over the whole tree; part of `make test`.
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+# The proof that a fresh machine is green: wipe everything hpcfed wrote outside a checkout
+# (scripts/wipe: state of every user, /var/lib/hpcfed, /var/tmp/hpcfed-*, the venv, images;
+# KEEP_IMAGES=1 keeps the image caches), then run CI's command from a clean clone.
+test-fresh:
+	bash scripts/wipe
+	rm -rf /tmp/hpcfed-fresh-clone && git clone -q . /tmp/hpcfed-fresh-clone
+	cd /tmp/hpcfed-fresh-clone && CI=true bash .ci/run
 
 demo: bootstrap
 	HPCFED_VENV=$(VENV) bash scripts/demo
