@@ -1,6 +1,6 @@
 """The federation as users feel it: hpcfed (Slurm + Apptainer + tunnel) vs NVFlare run directly.
 
-Run as root from the repository: python benchmarks/bench_federation.py [--rounds 5]
+Run as root from the repository: python benchmarks/bench_federation.py [--rounds 5] [--runs 5]
 Needs what `make demo` needs (it uses the demo's code). Writes benchmarks/results/federation.md
 and, when matplotlib is installed (the `bench` extra), benchmarks/results/federation.png.
 
@@ -32,25 +32,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # demo/ only: hpcfed itself comes from the installed package
 from benchmarks.machine import describe  # noqa: E402
+from benchmarks.stats import MIN_RUNS  # noqa: E402
+from demo.federation import nvflare_time as _ts  # noqa: E402
+from demo.federation import round_times  # noqa: E402
 
-ROUND_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
 REGISTERED_RE = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Successfully registered client"
 )
-
-
-def _ts(stamp: str) -> float:
-    return dt.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
-
-
-def round_times(log: str) -> dict:
-    """round -> (started, finished) epoch seconds, from an NVFlare server log."""
-    rounds: dict = {}
-    for line in log.splitlines():
-        m = ROUND_RE.match(line)
-        if m:
-            rounds.setdefault(int(m.group(2)), {})[m.group(3)] = _ts(m.group(1))
-    return {r: (v["started"], v["finished"]) for r, v in rounds.items() if len(v) == 2}
 
 
 def job_with_rounds(rounds: int, dest: Path) -> Path:
@@ -125,8 +113,7 @@ def direct_loopback(rounds: int) -> dict:
 def through_hpcfed(rounds: int) -> dict:
     from demo import federation as demo
 
-    if demo.STATE_DIR.exists():
-        demo.Federation().down()
+    demo.Federation().down()  # the demo's own folders start empty
     fed = demo.Federation(demo.State())
     out: dict = {}
     try:
@@ -188,13 +175,32 @@ def per_round(rt: dict) -> list:
     return [f - s for s, f in (rt[r] for r in sorted(rt))]
 
 
+def _cell(values: list, digits: int = 1) -> str:
+    """median (min–max) over the runs that measured it."""
+    v = sorted(x for x in values if x is not None)
+    if not v:
+        return "–"
+    return f"{statistics.median(v):.{digits}f} ({v[0]:.{digits}f}–{v[-1]:.{digits}f})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=MIN_RUNS)
     args = ap.parse_args()
-    direct = direct_loopback(args.rounds)
-    fed = through_hpcfed(args.rounds)
-    d_rounds, h_rounds = per_round(direct["rounds"]), per_round(fed["rounds"])
+    runs = max(args.runs, MIN_RUNS)
+    directs, feds = [], []
+    for i in range(runs):  # interleaved, so both sides see the same machine
+        print(f"run {i + 1}/{runs}", flush=True)
+        directs.append(direct_loopback(args.rounds))
+        feds.append(through_hpcfed(args.rounds))
+    d_round = [statistics.median(per_round(d["rounds"])) for d in directs]
+    h_round = [statistics.median(per_round(f["rounds"])) for f in feds]
+    overhead = [h - d for h, d in zip(h_round, d_round)]
+
+    def col(key: str) -> list:
+        return [f.get(key) for f in feds]
+
     lines = [
         "# A whole federation: hpcfed vs NVFlare directly on loopback",
         "",
@@ -204,24 +210,24 @@ def main() -> None:
         f"round), {args.rounds} rounds. hpcfed: server and two clients as Slurm jobs on the local "
         "test cluster, each in its Apptainer image, meeting through the userspace tunnel and a "
         "wireguard-go hub; the training job submitted through the admin kit from inside the image. "
-        "Direct: the same job on an `nvflare poc` project, processes on loopback.",
+        "Direct: the same job on an `nvflare poc` project, processes on loopback. Held equal: the "
+        "job, NVFlare's version, the machine; the two sides run interleaved, "
+        f"{runs} runs each. Cells: median (min–max) over the runs.",
         "",
         "| measure | hpcfed | direct |",
         "|---|---|---|",
-        f"| job status | {fed.get('status')} | {direct.get('status')} |",
-        f"| median time per round (s) | {statistics.median(h_rounds):.2f} | {statistics.median(d_rounds):.2f} |",
-        f"| per-round overhead (s) | {statistics.median(h_rounds) - statistics.median(d_rounds):+.2f} | – |",
-        f"| submit → all roles running (s) | {fed.get('submit_to_running_s', float('nan')):.1f} | – |",
-        f"| submit → first round finished (s) | {fed.get('submit_to_first_round_s', float('nan')):.1f} | – |",
-        f"| preempted client registered again (s) | {fed.get('preempted_client_back_s') or float('nan'):.1f} | – |",
-        f"| bytes through the hub during training | {fed.get('hub_bytes_during_training', 0):,} | – |",
-        f"| mean hub rate during training (Mbit/s) | {fed.get('hub_mbit_s_during_training', 0):.3f} | – |",
+        f"| runs | {runs} | {runs} |",
+        f"| job status | {', '.join(sorted(set(str(f.get('status')) for f in feds)))} "
+        f"| {', '.join(sorted(set(str(d.get('status')) for d in directs)))} |",
+        f"| median time per round (s) | {_cell(h_round, 2)} | {_cell(d_round, 2)} |",
+        f"| per-round overhead (s) | {_cell(overhead, 2)} | – |",
+        f"| submit → all roles running (s) | {_cell(col('submit_to_running_s'))} | – |",
+        f"| submit → first round finished (s) | {_cell(col('submit_to_first_round_s'))} | – |",
+        f"| preempted client registered again (s) | {_cell(col('preempted_client_back_s'))} | – |",
+        f"| bytes through the hub during training | {_cell(col('hub_bytes_during_training'), 0)} | – |",
         "",
-        f"Rounds (s), hpcfed: {', '.join(f'{x:.2f}' for x in h_rounds)}",
-        f"Rounds (s), direct: {', '.join(f'{x:.2f}' for x in d_rounds)}",
-        "",
-        "The model here is a 3x3 array: the tunnel rate during training shows the protocol's "
-        "chatter, not the tunnel's capacity (see tunnel.md for bulk throughput).",
+        "The model here is a 3x3 array: the hub's byte count shows the protocol's chatter, not "
+        "the tunnel's capacity (see tunnel.md for bulk throughput).",
     ]
     out = REPO / "benchmarks" / "results" / "federation.md"
     try:
@@ -231,11 +237,11 @@ def main() -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(range(len(h_rounds)), h_rounds, "o-", label="hpcfed (Slurm + Apptainer + tunnel)")
-        ax.plot(range(len(d_rounds)), d_rounds, "s-", label="NVFlare directly on loopback")
-        ax.set_xticks(range(max(len(h_rounds), len(d_rounds))))
-        ax.set_xlabel("round")
-        ax.set_ylabel("seconds")
+        ax.plot(range(1, runs + 1), h_round, "o-", label="hpcfed (Slurm + Apptainer + tunnel)")
+        ax.plot(range(1, runs + 1), d_round, "s-", label="NVFlare directly on loopback")
+        ax.set_xticks(range(1, runs + 1))
+        ax.set_xlabel("run")
+        ax.set_ylabel("median seconds per round")
         ax.set_ylim(bottom=0)
         ax.set_title("Time per federated round")
         ax.legend()

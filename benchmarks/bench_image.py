@@ -159,7 +159,7 @@ def bench_job_start(user, image, runs):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--user", default="hpcuser", help="non-root user of the test cluster")
     args = ap.parse_args()
     if os.geteuid() != 0:

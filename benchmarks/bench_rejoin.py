@@ -139,7 +139,7 @@ def rejoin_once():
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     os.environ.setdefault("SLURM_CONF", "/var/lib/hpcfed/testcluster/etc/slurm.conf")
     requeue = [self_requeue() for _ in range(args.runs)]
