@@ -14,9 +14,11 @@ cleans up. The e2e test drives the same steps (tests/test_e2e_federation.py).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
 import subprocess
@@ -34,6 +36,8 @@ sys.path.insert(0, str(REPO / "tests"))  # the real-dashboard driver the kit tes
 # The installed command: `python -m hpcfed` would import a source tree in the working directory.
 HPCFED = [os.path.join(os.path.dirname(sys.executable), "hpcfed")]
 STATE_DIR = Path(os.environ.get("HPCFED_DEMO_DIR", "/var/tmp/hpcfed-demo"))
+# Built images are a cache every run may reuse (like the offline base image beside it).
+IMAGE_DIR = Path(os.environ.get("HPCFED_DEMO_IMAGES", "/var/cache/hpcfed/demo-images"))
 USER = "hpcuser"
 NVFLARE_VERSION = os.environ.get("HPCFED_DEMO_NVFLARE", "2.9.0")
 BASE_SIF = os.environ.get("HPCFED_BASE_SIF", "/var/cache/hpcfed/base-bookworm.sif")
@@ -41,6 +45,24 @@ SERVER_NAME = "fl-server"
 FL_PORT = 18002
 CLIENT_SITES = {"hospital-a": "alice@hospital-a.test", "hospital-b": "bob@hospital-b.test"}
 ADMIN_EMAIL = "admin@fed.test"
+
+
+ROUND_RE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Round (\d+) (started|finished)\.")
+
+
+def nvflare_time(stamp: str) -> float:
+    """Epoch seconds of an NVFlare log time stamp (local time, like the host's)."""
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def round_times(log: str) -> dict:
+    """round -> (started, finished) epoch seconds, from an NVFlare server log."""
+    rounds: dict = {}
+    for line in log.splitlines():
+        m = ROUND_RE.match(line)
+        if m:
+            rounds.setdefault(int(m.group(2)), {})[m.group(3)] = nvflare_time(m.group(1))
+    return {r: (v["started"], v["finished"]) for r, v in rounds.items() if len(v) == 2}
 
 
 def say(msg: str) -> None:
@@ -64,8 +86,7 @@ def sh(
     if user:
         pw = pwd.getpwnam(user)
         full_env.update(HOME=pw.pw_dir, USER=user, LOGNAME=user)
-        for var in ("XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME"):
-            full_env.pop(var, None)
+        full_env.update(user_env(user))
         argv = ["runuser", "-u", user, "--"] + list(argv)
     full_env.update(env or {})
     proc = subprocess.run(
@@ -77,6 +98,20 @@ def sh(
             f"{(proc.stderr or proc.stdout).strip()[-1500:]}"
         )
     return proc
+
+
+def demo_root(user: str = USER) -> Path:
+    """Everything the demo's researcher has: its own XDG config/data/state/cache and the roles'
+    work directories. `down` removes it, so no run sees what an earlier one left."""
+    return Path(pwd.getpwnam(user).pw_dir) / "hpcfed-demo"
+
+
+def user_env(user: str = USER) -> dict:
+    root = demo_root(user) / "xdg"
+    return {
+        f"XDG_{kind.upper()}_HOME": str(root / kind)
+        for kind in ("config", "data", "state", "cache")
+    }
 
 
 def hpcfed(*args, user: Optional[str] = USER, **kw) -> subprocess.CompletedProcess:
@@ -119,7 +154,7 @@ class Federation:
         self.state = state or State.load()
         self.hub = HubNet(state_dir=str(STATE_DIR / "hub"))
         self.home = Path(pwd.getpwnam(USER).pw_dir) if _user_exists(USER) else Path("/home") / USER
-        self.userdir = self.home / "hpcfed-demo"
+        self.userdir = self.home / "hpcfed-demo"  # demo_root() once the user exists
         self.dash = None
         self.passwords: dict = {}
         self.tunnel_ips: dict = {}
@@ -134,8 +169,8 @@ class Federation:
         sh(HPCFED + ["testcluster", "up"], timeout=900)
         os.environ["SLURM_CONF"] = "/var/lib/hpcfed/testcluster/etc/slurm.conf"
         self.home = Path(pwd.getpwnam(USER).pw_dir)
-        self.userdir = self.home / "hpcfed-demo"
-        sh(["mkdir", "-p", str(self.userdir)], user=USER)
+        self.userdir = demo_root()
+        sh(["mkdir", "-p", str(self.userdir), *user_env().values()], user=USER)
 
     def hub_up(self) -> None:
         say(
@@ -172,16 +207,24 @@ class Federation:
 
     # ------------------------------------------------------------------ the researcher
     def site_profiles(self) -> None:
-        sites = self.home / ".config" / "hpcfed" / "sites"
+        sites = Path(user_env()["XDG_CONFIG_HOME"]) / "hpcfed" / "sites"
         sh(["mkdir", "-p", str(sites)], user=USER)
+        profiles = {
+            # The test cluster, with the roles' work directories inside the demo's own folder.
+            "demo-local": (
+                "extends: local\ndescription: the local test cluster, demo work directories\n"
+                f"workdir: {self.userdir}/work\n"
+            )
+        }
         for i, site in enumerate(CLIENT_SITES, start=2):
             # Both hospitals are the test cluster; each client gets a node of its own (as if at
             # its own site) in the partition where it may be preempted.
-            text = (
-                f"extends: local\ndescription: demo site {site} (the local test cluster)\n"
+            profiles[site] = (
+                f"extends: demo-local\ndescription: demo site {site} (the local test cluster)\n"
                 "partitions:\n  default: low\n"
                 f'extra_directives: ["--nodelist=node{i}"]\n'
             )
+        for site, text in profiles.items():
             subprocess.run(
                 ["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
                 input=text,
@@ -192,8 +235,10 @@ class Federation:
 
     def images(self) -> dict:
         images = {}
+        sh(["install", "-d", "-o", USER, "-g", USER, "-m", "0755", str(IMAGE_DIR)])
         listed = {
-            i.get("role"): i for i in hpcfed_json("image", "list", "--site", "local")["images"]
+            i.get("role"): i
+            for i in hpcfed_json("image", "list", "--image-dir", str(IMAGE_DIR))["images"]
         }
         for role in ("server", "client"):
             have = listed.get(role)
@@ -216,8 +261,8 @@ class Federation:
                 NVFLARE_VERSION,
                 "--base",
                 f"localimage:{BASE_SIF}",
-                "--site",
-                "local",
+                "--image-dir",
+                str(IMAGE_DIR),
                 "--compression",
                 "zstd",
                 timeout=1800,
@@ -230,7 +275,7 @@ class Federation:
 
     def kits(self) -> None:
         url = self.state.dashboard_url
-        pulls = [("server", SERVER_NAME, ADMIN_EMAIL, ["--as", "local"])]
+        pulls = [("server", SERVER_NAME, ADMIN_EMAIL, ["--as", "demo-local"])]
         pulls += [("client", site, email, []) for site, email in CLIENT_SITES.items()]
         pulls += [("admin", ADMIN_EMAIL, ADMIN_EMAIL, [])]
         for role, site, email, extra in pulls:
@@ -277,13 +322,13 @@ class Federation:
 
     def submit_roles(self) -> None:
         server_ip = self.tunnel_ips[SERVER_NAME]
-        say("submitting the server role (hpcfed submit server --site local)")
+        say("submitting the server role (hpcfed submit server --site demo-local)")
         self.mark("submit")
         hpcfed(
             "submit",
             "server",
             "--site",
-            "local",
+            "demo-local",
             "--name",
             "demo-server",
             "--gpus",
@@ -368,7 +413,7 @@ class Federation:
             stdout=open(self.userdir / "admin-tunnel.log", "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=dict(os.environ, HOME=str(self.home)),
+            env=dict(os.environ, HOME=str(self.home), **user_env()),
         )
         self.state.admin_tunnel_pid = tun.pid
         self.state.save()
@@ -519,6 +564,8 @@ class Federation:
             shutil.rmtree(self.state.dashboard_root, ignore_errors=True)
         self.hub.destroy()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
+        if _user_exists(USER):
+            shutil.rmtree(demo_root(), ignore_errors=True)
         say("demo cleaned up (the test cluster stays up: hpcfed testcluster down stops it)")
 
 
@@ -536,7 +583,7 @@ def up() -> int:
             "demo: run as root (it starts the test cluster, a hub and a dashboard)", file=sys.stderr
         )
         return 7
-    if STATE_DIR.exists():
+    if STATE_DIR.exists() or (_user_exists(USER) and demo_root().exists()):
         say("cleaning up a previous demo first")
         Federation().down()
     fed = Federation(State())

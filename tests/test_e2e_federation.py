@@ -7,6 +7,7 @@ training job must still finish. Any bypassed part fails a check below.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -65,8 +66,9 @@ def federation(slurm_cluster, tmp_path_factory):
     )
     from demo import federation as demo
 
-    if demo.STATE_DIR.exists():
-        demo.Federation().down()
+    # The demo's own folders (XDG dirs, work directories, hub state) start empty: nothing an
+    # earlier run left can make this test pass or fail.
+    demo.Federation().down()
     fed = demo.Federation(demo.State())
     try:
         fed.prepare()
@@ -75,12 +77,7 @@ def federation(slurm_cluster, tmp_path_factory):
     finally:
         for name in fed.state.deployments:
             print(f"----- hpcfed logs {name}")
-            print(
-                run(
-                    ["runuser", "-u", demo.USER, "--", *demo.HPCFED, "logs", name],
-                    env={"HOME": str(fed.home)},
-                ).stdout[-4000:]
-            )
+            print(_logs(fed, name)[-4000:])
         fed.down()
 
 
@@ -90,15 +87,13 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
     victim = "demo-hospital-a"
     before = _status(victim)
     node = before["node"]
-    events, preempted = [], {}
+    events = []
 
-    def on_event(ev):
-        events.append(ev)
-
+    traffic_before = fed.hub_traffic()
     result = {}
     trainer = threading.Thread(
         target=lambda: result.update(
-            fed.run_training(timeout=600, job_src=_slow_job(tmp_path), on_event=on_event)
+            fed.run_training(timeout=600, job_src=_slow_job(tmp_path), on_event=events.append)
         )
     )
     trainer.start()
@@ -106,7 +101,17 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
     while not any(e.get("status") == "RUNNING" for e in events):
         assert time.monotonic() < deadline and trainer.is_alive(), events
         time.sleep(1)
-    time.sleep(8)  # a round or two in
+    # Inside each role's own container (not hpcfed's log line): the server name resolves to the
+    # tunnel's forward, and the role runs on the image's Python, which the host does not have.
+    forwards = {"server": None, "hospital-a": "127.0.11.1", "hospital-b": "127.0.12.1"}
+    for role, address in forwards.items():
+        _assert_inside_container(role, address)
+    # A round in: wait for the server's first round, then preempt.
+    deadline = time.monotonic() + 120
+    while "Round 0 started" not in _logs(fed, "demo-server"):
+        assert time.monotonic() < deadline, "no round started"
+        time.sleep(1)
+    time.sleep(4)
     # A high-priority job that needs every GPU of the victim's node preempts the client.
     high = run(
         [
@@ -126,9 +131,9 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
         env=fed_env(),
     )
     assert high.returncode == 0, high.stderr
-    preempted["at"] = time.time()
     trainer.join(timeout=700)
     assert not trainer.is_alive(), "training did not end"
+    traffic_after = fed.hub_traffic()
     # Every round ran to the end. NVFlare 2.9 still marks a job ABNORMAL when a participant
     # restarted during it ("terminal outcome unavailable ... missing job on client").
     assert result.get("status", "").startswith("FINISHED"), (result, events)
@@ -139,8 +144,16 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
     after = _status(victim)
     assert after["job_id"] == before["job_id"]
     assert after["job_state"] == "RUNNING"
-    kinds = [e["event"] for e in after["events"]]
-    assert "stopped" in kinds or "stopping" in kinds, after["events"]
+    stopped = [e for e in after["events"] if e["event"] == "role-stopped"]
+    assert stopped and stopped[0]["restart"] == 0, after["events"]
+    # ... and it was stopped DURING training: after the first round began, before the last ended.
+    from demo.federation import round_times
+
+    rounds = round_times(server_log)
+    assert rounds, server_log[-3000:]
+    first_round, last_round = rounds[min(rounds)][0], rounds[max(rounds)][1]
+    stopped_at = dt.datetime.strptime(stopped[0]["time"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    assert first_round - 1 <= stopped_at <= last_round, (first_round, stopped_at, last_round)
     restart = run(["scontrol", "show", "job", after["job_id"], "-o"], env=fed_env()).stdout
     assert "Restarts=1" in restart or "Restarts=2" in restart, restart
     log = _logs(fed, victim)
@@ -148,21 +161,27 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
     assert "preemption or time limit ahead (preemption); stopping the role" in log
     assert "sending SIGTERM to the role" in log and "SIGKILL" not in log
     assert "requeued job" in log and ("DUE TO JOB REQUEUE" in log or "DUE TO PREEMPTION" in log)
-    # The role inside the image: NVFlare ran from the image's venv, which the host does not have.
-    assert "/opt/fl/venv" in log and not Path("/opt/fl/venv").exists()
-    assert "apptainer" in log and "exec" in log
+    _assert_inside_container("hospital-a", forwards["hospital-a"])  # the restarted container too
+
+    # Only through the tunnel, and the traffic is the training's: during the job every client
+    # exchanged data with the hub, and what the clients received came from the server's peer
+    # (the admin console alone cannot account for it).
+    delta = {
+        peer: {
+            k: traffic_after[peer].get(k, 0) - traffic_before[peer].get(k, 0)
+            for k in ("rx_bytes", "tx_bytes")
+        }
+        for peer in ("fl-server", "hospital-a", "hospital-b", "admin")
+    }
+    for client in ("hospital-a", "hospital-b"):
+        assert delta[client]["rx_bytes"] > 20_000 and delta[client]["tx_bytes"] > 20_000, delta
+    to_clients = delta["hospital-a"]["tx_bytes"] + delta["hospital-b"]["tx_bytes"]
+    assert delta["fl-server"]["rx_bytes"] >= 0.9 * to_clients, delta
 
     # The rejoined client is a full member again: the next job trains with both clients.
     again = fed.run_training(timeout=300)
     assert again.get("status") == "FINISHED:COMPLETED", again
     assert again["job_id"] in _logs(fed, victim)
-
-    # Only through the tunnel: every role's traffic crossed the hub, and the clients' containers
-    # resolved the server name to their own forward.
-    traffic = fed.hub_traffic()
-    for peer in ("fl-server", "hospital-a", "hospital-b"):
-        assert traffic[peer].get("rx_bytes", 0) > 20_000, traffic
-    assert "fl-server -> 127.0.11.1" in log
 
 
 def fed_env():
@@ -170,8 +189,47 @@ def fed_env():
 
 
 def _logs(fed, name):
-    from demo.federation import HPCFED, USER
+    from demo.federation import hpcfed
 
-    return run(
-        ["runuser", "-u", USER, "--", *HPCFED, "logs", name], env={"HOME": str(fed.home)}
-    ).stdout
+    return hpcfed("logs", name, check=False).stdout
+
+
+def _role_pid(role: str) -> int:
+    """The NVFlare process of a role, found by its command line (server_train / uid=SITE)."""
+    seen = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = " ".join(a.decode(errors="replace") for a in argv)
+        if "apptainer" in text or "nvflare.private.fed.app" not in text:
+            continue
+        seen.append(text)
+        if role == "server" and "server_train" in text:
+            return int(entry)
+        if role != "server" and "client_train" in text and f"uid={role}" in text:
+            return int(entry)
+    pytest.fail(f"no running NVFlare process for {role}: {seen}")
+
+
+def _assert_inside_container(role: str, forward):
+    """/proc/PID/root is the role's own root file system (the image, with the binds the job made);
+    /proc/PID/maps names the files its Python loaded, as the container sees them."""
+    pid = _role_pid(role)
+    hosts = Path(f"/proc/{pid}/root/etc/hosts").read_text()
+    names = {
+        line.split()[1]: line.split()[0]
+        for line in hosts.splitlines()
+        if len(line.split()) >= 2 and not line.startswith("#")
+    }
+    if forward is not None:
+        assert names.get("fl-server") == forward, (role, hosts)
+    else:
+        assert "fl-server" not in names or names["fl-server"].startswith("127."), (role, hosts)
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "/opt/fl/venv/lib/" in maps, (role, "NVFlare's modules do not come from the image venv")
+    assert Path(f"/proc/{pid}/root/opt/fl/venv/bin/python3").exists(), role
+    assert not Path("/opt/fl/venv").exists(), "the host must not have the image's venv"
