@@ -59,7 +59,7 @@ class _Strict(BaseModel):
 class SshSettings(_Strict):
     host: Optional[str] = None
     user: Optional[str] = None
-    port: int = Field(22, ge=1, le=65535)
+    port: int = Field(default=22, ge=1, le=65535)
     key: Optional[str] = None  # a private key file; else the SSH agent / default keys
     known_hosts: Optional[str] = None  # default ~/.ssh/known_hosts
     accept_unknown_host: bool = False  # never on by default: unknown host keys are refused
@@ -70,7 +70,7 @@ class SchedulerSettings(_Strict):
     connect: Literal["local", "ssh"] = "local"
     ssh: SshSettings = SshSettings()
     env: Dict[str, str] = {}  # environment for sbatch/squeue/... (e.g. SLURM_CONF)
-    timeout: int = Field(30, ge=1)  # seconds one scheduler command may take
+    timeout: int = Field(default=30, ge=1)  # seconds one scheduler command may take
 
     @model_validator(mode="after")
     def _ssh_needs_a_host(self) -> SchedulerSettings:
@@ -83,13 +83,13 @@ class GpuSettings(_Strict):
     dialect: Literal["gres", "gpus", "gpus-per-node"] = "gres"
     types: List[str] = []  # GPU types the site has (typed gres); empty = untyped only
     default_type: Optional[str] = None  # type asked for when --gpu-type is not given
-    max_per_node: int = Field(8, ge=0)
-    cpus_per_gpu: Optional[int] = Field(None, ge=1)
+    max_per_node: int = Field(default=8, ge=0)
+    cpus_per_gpu: Optional[int] = Field(default=None, ge=1)
     mem_per_gpu: Optional[int] = None  # MB
 
     @field_validator("mem_per_gpu", mode="before")
     @classmethod
-    def _mem(cls, v):
+    def _mem(cls, v: object) -> Optional[int]:
         return None if v is None else parse_memory_mb(v)
 
     @field_validator("types")
@@ -101,7 +101,7 @@ class GpuSettings(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _default_type_known(self):
+    def _default_type_known(self) -> GpuSettings:
         if self.default_type is not None and self.default_type not in self.types:
             raise ValueError(f"default_type {self.default_type!r} is not one of types {self.types}")
         return self
@@ -113,7 +113,7 @@ class TimeSettings(_Strict):
 
     @field_validator("default", "max", mode="before")
     @classmethod
-    def _dur(cls, v):
+    def _dur(cls, v: object) -> Optional[int]:
         return None if v is None else parse_duration(v)
 
 
@@ -144,12 +144,12 @@ class PreemptionSettings(_Strict):
 
     @field_validator("lead_time", "grace", mode="before")
     @classmethod
-    def _dur(cls, v):
+    def _dur(cls, v: object) -> int:
         return parse_duration(v)
 
     @field_validator("signal")
     @classmethod
-    def _sig(cls, v):
+    def _sig(cls, v: str) -> str:
         m = _SIGNAL_RE.match(v.upper())
         if not m:
             raise ValueError(f"not a signal name: {v!r} (e.g. USR2, TERM)")
@@ -162,18 +162,18 @@ class RejoinSettings(_Strict):
 
     backoff: int = 30  # seconds after the first resubmission; doubles each time
     max_backoff: int = 1800
-    max_resubmits: int = Field(5, ge=1)
+    max_resubmits: int = Field(default=5, ge=1)
     window: int = 6 * 3600
 
     @field_validator("backoff", "max_backoff", "window", mode="before")
     @classmethod
-    def _dur(cls, v):
+    def _dur(cls, v: object) -> int:
         return parse_duration(v)
 
 
 class PreflightSettings(_Strict):
     allow_without_nvml: bool = False
-    min_memory_mib: Optional[int] = Field(None, ge=0)
+    min_memory_mib: Optional[int] = Field(default=None, ge=0)
 
 
 class SiteProfile(_Strict):
@@ -186,7 +186,7 @@ class SiteProfile(_Strict):
     reservation: Optional[str] = None
     partitions: Dict[str, str] = {}  # "default" and/or one per role
     gpus: GpuSettings = GpuSettings()
-    cpus: int = Field(1, ge=1)  # CPUs for a job without GPUs (and the minimum)
+    cpus: int = Field(default=1, ge=1)  # CPUs for a job without GPUs (and the minimum)
     memory: int = 2048  # MB for a job without GPUs (and the minimum)
     time: TimeSettings = TimeSettings()
     setup: List[str] = []  # shell lines run first in the job (module load ...)
@@ -200,7 +200,7 @@ class SiteProfile(_Strict):
 
     @field_validator("memory", mode="before")
     @classmethod
-    def _mem(cls, v):
+    def _mem(cls, v: object) -> int:
         return parse_memory_mb(v)
 
     @field_validator("account", "qos", "constraint", "reservation")
@@ -222,7 +222,7 @@ class SiteProfile(_Strict):
 
     @field_validator("extra_directives")
     @classmethod
-    def _directives(cls, v):
+    def _directives(cls, v: List[str]) -> List[str]:
         for d in v:
             if not d.startswith("--") or "\n" in d:
                 raise ValueError(f"not an sbatch option: {d!r} (write e.g. --mail-type=NONE)")
@@ -230,7 +230,7 @@ class SiteProfile(_Strict):
 
     @field_validator("setup")
     @classmethod
-    def _setup(cls, v):
+    def _setup(cls, v: List[str]) -> List[str]:
         for line in v:
             if "\n" in line:
                 raise ValueError("one shell line per list item")

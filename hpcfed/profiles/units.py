@@ -5,13 +5,13 @@ from __future__ import annotations
 import re
 
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_UNITS_RE = re.compile(r"^(?:(\d+)\s*([smhdw]))+$")
+_UNITS_RE = re.compile(r"(?:(\d+)\s*([smhdw]))+\Z")
 _UNIT_PART_RE = re.compile(r"(\d+)\s*([smhdw])")
 # Slurm's own forms: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS
-_SLURM_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
+_SLURM_RE = re.compile(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?\Z")
 
 
-def parse_duration(value) -> int:
+def parse_duration(value: object) -> int:
     """Seconds from `90s`, `30m`, `1h30m`, `2d`, Slurm's `1-00:00:00`/`HH:MM:SS`, or a bare
     integer (minutes, as in sbatch --time). Raises ValueError with a readable message."""
     if isinstance(value, bool):
@@ -31,19 +31,24 @@ def parse_duration(value) -> int:
             raise ValueError(
                 f"not a duration: {value!r} (use e.g. 90s, 30m, 2h, 1d or Slurm's D-HH:MM:SS)"
             )
-        days, a, b, c = m.groups()
-        a, b, c = int(a), b and int(b), c and int(c)
-        if days is not None:  # D-HH[:MM[:SS]]
-            seconds = int(days) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
-        elif c is not None:  # HH:MM:SS
-            seconds = a * 3600 + b * 60 + c
-        elif b is not None:  # MM:SS
-            seconds = a * 60 + b
-        else:  # MM
-            seconds = a * 60
+        seconds = _slurm_seconds(*m.groups())
     if seconds <= 0:
         raise ValueError(f"not a positive duration: {value!r}")
     return seconds
+
+
+def _slurm_seconds(days: str | None, first: str, second: str | None, third: str | None) -> int:
+    """Seconds of Slurm's D-HH[:MM[:SS]], HH:MM:SS, MM:SS or MM (the groups of _SLURM_RE)."""
+    a = int(first)
+    b = int(second) if second is not None else None
+    c = int(third) if third is not None else None
+    if days is not None:  # D-HH[:MM[:SS]]
+        return int(days) * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if b is not None and c is not None:  # HH:MM:SS
+        return a * 3600 + b * 60 + c
+    if b is not None:  # MM:SS
+        return a * 60 + b
+    return a * 60  # MM
 
 
 def slurm_time(seconds: int) -> str:
@@ -55,7 +60,7 @@ def slurm_time(seconds: int) -> str:
 
 
 def human_duration(seconds: int) -> str:
-    parts = []
+    parts: list[str] = []
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         n, seconds = divmod(seconds, size)
         if n:
@@ -63,11 +68,11 @@ def human_duration(seconds: int) -> str:
     return "".join(parts) or "0s"
 
 
-_MEM_RE = re.compile(r"^(\d+)\s*([kmgt]?)i?b?$")
+_MEM_RE = re.compile(r"(\d+)\s*([kmgt]?)i?b?\Z")
 _MEM_MB = {"k": 1 / 1024, "": 1, "m": 1, "g": 1024, "t": 1024 * 1024}
 
 
-def parse_memory_mb(value) -> int:
+def parse_memory_mb(value: object) -> int:
     """Megabytes from `500M`, `4G`, `4GiB`, or a bare integer (MB, as in sbatch --mem)."""
     if isinstance(value, bool):
         raise ValueError(f"not a memory size: {value!r}")
