@@ -60,7 +60,3 @@ def role(framework: str, name: str) -> Role:
     if name not in roles:
         raise ConfigError(f"role {name!r}: not a role of {framework} (known: {', '.join(roles)})")
     return roles[name]
-
-
-def all_role_names() -> Tuple[str, ...]:
-    return tuple(sorted({r for roles in table().values() for r in roles}))

@@ -17,7 +17,6 @@ from hpcfed.plan import Plan
 
 EXIT_PREFLIGHT = 10
 EXIT_TUNNEL = 9
-EXIT_SETUP = 6
 
 
 def log(message: str) -> None:
