@@ -448,3 +448,59 @@ def test_a_job_of_another_user_with_our_marker_is_never_adopted(slurm_cluster, u
     finally:
         run(["scancel", foreign_id])
         as_user(slurm_cluster, user_state, "cancel", name)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(400)
+def test_cancel_during_a_long_rejoin_waits_or_fails_and_is_never_lost(slurm_cluster, user_state):
+    """A rejoin holds the deployment's lock longer than any waiter's patience (its sbatch is
+    slow, as over a sluggish SSH link): a `cancel` meanwhile must not break the live lock. It
+    waits and fails clearly; it never says "cancelled" while rejoin goes on to start a job."""
+    slow = Path(tempfile.mkdtemp(prefix="hpcfed-slowbin-"))  # the cluster user must reach it
+    slow.chmod(0o755)
+    (slow / "sbatch").write_text(f'#!/bin/sh\nsleep 130\nexec {shutil.which("sbatch")} "$@"\n')
+    (slow / "sbatch").chmod(0o755)
+    env = dict(user_state, HPCFED_SITE__SCHEDULER__TIMEOUT="300")  # the sbatch is slow on purpose
+    name, job_id = submit_sleeper(slurm_cluster, env)
+    admin_cancel(job_id)
+    rejoin_env = dict(os.environ, **user_state)
+    import pwd
+
+    pw = pwd.getpwnam(slurm_cluster.user)
+    rejoin_env.update(HOME=pw.pw_dir, USER=pw.pw_name, PATH=f"{slow}:{os.environ['PATH']}")
+    rejoin = subprocess.Popen(
+        ["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
+        env=rejoin_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lock = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f".{name}.lock"
+    try:
+        deadline = time.monotonic() + 30
+        while not lock.exists():
+            assert time.monotonic() < deadline and rejoin.poll() is None, rejoin.stderr.read()
+            time.sleep(0.1)
+        # Cancel once rejoin has held the lock for over a minute: longer than cancel waits.
+        time.sleep(70)
+        cancel = as_user(slurm_cluster, user_state, "cancel", name, timeout=300)
+        out, err = rejoin.communicate(timeout=200)
+        assert rejoin.returncode == 0, err
+        if cancel.returncode == 0:  # it waited for the rejoin: the new job must be gone
+            assert our_active_jobs(name) == [], "cancelled, but the rejoined job runs"
+        else:
+            assert cancel.returncode == 7, cancel.stderr
+            assert "held by another hpcfed" in cancel.stderr and "cancelled" not in cancel.stdout
+            assert json.loads(out)["deployments"][0]["action"] == "resubmitted", out
+            assert len(our_active_jobs(name)) == 1
+            # once rejoin is done, cancel works
+            cancel = as_user(slurm_cluster, user_state, "cancel", name)
+            assert cancel.returncode == 0, cancel.stderr
+            assert our_active_jobs(name) == []
+        status = as_user(slurm_cluster, user_state, "status", name, "--json")
+        assert json.loads(status.stdout)["deployments"][0]["stopped"] is True
+    finally:
+        if rejoin.poll() is None:
+            rejoin.kill()
+        as_user(slurm_cluster, user_state, "cancel", name)
+        shutil.rmtree(slow, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -133,6 +134,44 @@ def test_live_lock_is_waited_for_then_refused(tmp_path):
         with pytest.raises(EnvironmentProblem, match="held by another hpcfed"):
             with lease_lock(lock, lease=60, wait=0.3):
                 pass
+
+
+def _hold(lock, seconds, lease, out):
+    with lease_lock(Path(lock), lease=lease, wait=5):
+        Path(out).write_text("in")
+        time.sleep(seconds)
+        Path(out).write_text("out")
+
+
+def _start_holder(tmp_path, seconds, lease):
+    lock, out = tmp_path / "x.lock", tmp_path / "where"
+    holder = multiprocessing.get_context("fork").Process(
+        target=_hold, args=(str(lock), seconds, lease, str(out))
+    )
+    holder.start()
+    deadline = time.monotonic() + 10
+    while not (out.exists() and out.read_text() == "in"):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return holder, lock, out
+
+
+def test_a_live_holder_keeps_its_lock_however_long_it_holds_it(tmp_path):
+    """The holder renews its lease: held for six of its leases, it is never broken (a waiter
+    used to break a lock older than the waiter's own lease, and a cancel got lost)."""
+    holder, lock, out = _start_holder(tmp_path, seconds=3.0, lease=0.5)
+    with lease_lock(lock, lease=0.1, wait=20):  # the waiter's lease is not the holder's
+        assert out.read_text() == "out"  # entered only once the holder was done
+    holder.join()
+
+
+def test_a_killed_holder_is_broken_after_its_own_lease(tmp_path):
+    holder, lock, out = _start_holder(tmp_path, seconds=60, lease=1.0)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    assert json.loads(lock.read_text())["lease"] == 1.0
+    with lease_lock(lock, lease=600, wait=20):  # the holder's 1 s counts, not these 600 s
+        assert out.read_text() == "in"
 
 
 def _stale_breaker(args):

@@ -25,7 +25,6 @@ from hpcfed.state.store import epoch
 LOST_STATES = {"PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", GONE}
 # The role ended by itself (or crashed): resubmitting would loop; the user decides.
 ENDED_STATES = {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}
-LOCK_LEASE = 300.0  # > the longest a rejoin holds it (two scheduler calls and a submit)
 
 
 @dataclass
@@ -93,7 +92,7 @@ def _resubmit(
     from hpcfed.render import render
 
     try:
-        lock = store.lock(name, lease=LOCK_LEASE, wait=0)
+        lock = store.lock(name, wait=0)
         lock.__enter__()
     except EnvironmentProblem:
         return Outcome(name, "busy", "another hpcfed is handling it right now")

@@ -24,6 +24,8 @@ SCHEMA_VERSION = 1
 MIGRATIONS: Dict[int, Callable[[Dict[str, Any]], Dict[str, Any]]] = {
     0: lambda d: d,  # before versions: same layout
 }
+# How long after its holder crashed a deployment's lock may be broken (a live holder renews it).
+LEASE = 60.0
 # field -> type a readable record must have there
 REQUIRED = {
     "name": str,
@@ -213,7 +215,7 @@ class DeploymentStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def lock(self, name: str, lease: float = 120.0, wait: float = 60.0) -> ContextManager[str]:
+    def lock(self, name: str, lease: float = LEASE, wait: float = 60.0) -> ContextManager[str]:
         """Lock one deployment for a read-modify-write across processes and login nodes."""
         self._ensure()
         return lease_lock(
