@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hpcfed.container.apptainer import bind_path
 from hpcfed.errors import ConfigError
-from hpcfed.frameworks import Role
+from hpcfed.frameworks import Role, credentials_name, fill_command, local_port_names
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.schema import one_word
@@ -118,6 +118,9 @@ class Plan(_Frozen):
     extra_directives: Tuple[str, ...]
     command: Tuple[str, ...]  # the role's entry, run in its workspace
     stop_command: Optional[Tuple[str, ...]]
+    env: Dict[str, str] = {}  # the role's own variables (inside its container)
+    # Per-job ports the job picks free on its node ({local_port:NAME} in the command).
+    local_ports: Tuple[str, ...] = ()
     kit: Optional[str]
     image: Optional[str]
     container: Container
@@ -129,7 +132,10 @@ class Plan(_Frozen):
     template: str
 
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2)
+        # Fields added for frameworks other than NVFlare are left out while empty, so an NVFlare
+        # plan reads exactly as before (what queued jobs and `rejoin` compare against).
+        skip = {f for f in ("env", "local_ports") if not getattr(self, f)}
+        return self.model_dump_json(indent=2, exclude=skip)
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
@@ -172,23 +178,24 @@ def parse_forwards(
 
 
 def tunnel_hosts(
-    role: str,
+    side: str,
     server_address: Optional[Tuple[str, int]],
     local_forwards: Sequence[LocalForward],
     remote_forwards: Sequence[RemoteForward],
 ) -> Tuple[Tuple[str, str], ...]:
     """Where the federation's server name must resolve inside the role's container.
 
-    A client reaches the server through its local forward of the server's port, so the name maps
-    to that forward's bind address; the server listens where its own name resolves, so it maps
-    to the host its remote forward delivers to. No kit address (or an IP literal): nothing.
+    `side` is the role's (hpcfed.frameworks): a client or admin reaches the server through its
+    local forward of the server's port, so the name maps to that forward's bind address; the
+    server listens where its own name resolves, so it maps to the host its remote forward
+    delivers to. No server address (or an IP literal): nothing.
     """
     if not server_address or not server_address[0]:
         return ()
     name, port = server_address
     if re.match(r"[0-9.]+\Z", name) or ":" in name:
         return ()
-    if role == "server":
+    if side == "server":
         for r in remote_forwards:
             if r.port == port:
                 return ((name, r.host),)
@@ -200,17 +207,28 @@ def tunnel_hosts(
 
 
 def server_listen_port(
-    role: str,
+    side: str,
     server_address: Optional[Tuple[str, int]],
     remote_forwards: Sequence[RemoteForward],
 ) -> Optional[int]:
     """The port a server role must listen on when its remote forward moves the kit's port."""
-    if role != "server" or not server_address or not server_address[1]:
+    if side != "server" or not server_address or not server_address[1]:
         return None
     for r in remote_forwards:
         if r.port == server_address[1] and r.host_port != server_address[1]:
             return r.host_port
     return None
+
+
+def role_command(
+    role: Role, server_address: Optional[Tuple[str, int]], listen_port: Optional[int]
+) -> Tuple[str, ...]:
+    """The role's command with the federation's address filled in (hpcfed.frameworks)."""
+    name, port = server_address or (None, role.federation_port)
+    return fill_command(
+        role.command,
+        {"server_name": name, "server_port": port, "listen_port": listen_port or port},
+    )
 
 
 def _expand_workdir(workdir: str, user: str) -> str:
@@ -287,7 +305,13 @@ def build_plan(
             f"{human_duration(p.time.max)} of site {site.name} (time.max in {site.source_of('time.max')})"
         )
 
-    part = partition or p.partitions.get(role.name) or p.partitions.get("default")
+    # A profile's partitions name roles or sides (server/client), so they apply to every framework.
+    part = (
+        partition
+        or p.partitions.get(role.name)
+        or p.partitions.get(role.side)
+        or p.partitions.get("default")
+    )
     part = p.partitions.get(part, part) if partition else part  # a flag may name an alias
     if partition:
         try:
@@ -302,13 +326,11 @@ def build_plan(
         if not command.strip():
             raise ConfigError("--command: empty")
         entry: Tuple[str, ...] = ("sh", "-c", command)
-    else:
-        entry = role.command
-        if role.needs_kit and not kit:
-            raise ConfigError(
-                f"--kit: the {role.framework} {role.name} needs its startup kit directory "
-                "(or --command CMD to run something else)"
-            )
+    elif role.needs_kit and not kit:
+        raise ConfigError(
+            f"--kit: the {role.framework} {role.name} needs its {credentials_name(role)} "
+            "directory (or --command CMD to run something else)"
+        )
 
     tunnel = None
     if tunnel_config:
@@ -317,11 +339,13 @@ def build_plan(
             config=tunnel_config,
             local_forwards=tuple(local_forwards),
             remote_forwards=tuple(remote_forwards),
-            hosts=tunnel_hosts(role.name, server_address, local, remote),
-            listen_port=server_listen_port(role.name, server_address, remote),
+            hosts=tunnel_hosts(role.side, server_address, local, remote),
+            listen_port=server_listen_port(role.side, server_address, remote),
         )
     elif local_forwards or remote_forwards:
         raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
+    if command is None:
+        entry = role_command(role, server_address, tunnel.listen_port if tunnel else None)
     if image and kit:
         bind_path(kit, "--kit")  # mounted into the container: apptainer splits on ',' and ':'
 
@@ -360,6 +384,8 @@ def build_plan(
         extra_directives=tuple(p.extra_directives),
         command=entry,
         stop_command=role.stop_command,
+        env=dict(role.env),
+        local_ports=local_port_names(entry),
         kit=kit,
         image=image,
         container=Container(

@@ -31,7 +31,7 @@ class SubmitRequest:
 
     role: str
     site: str
-    framework: str = "nvflare"
+    framework: Optional[str] = None  # default: the framework that has the role, else nvflare
     name: Optional[str] = None  # default: SITE-ROLE
     gpus: Optional[int] = None
     gpu_type: Optional[str] = None
@@ -74,7 +74,9 @@ def prepare(
     from hpcfed.state import DeploymentStore
 
     loaded = site if site is not None else load_site(request.site)
-    the_role = frameworks.role(request.framework, request.role)
+    the_role = frameworks.job_role(
+        request.framework or frameworks.framework_of(request.role), request.role
+    )
     name = check_name("--name", request.name or f"{loaded.name}-{request.role}")
     store = store if store is not None else DeploymentStore()
     existing = None if request.dry_run else store.get(name)
@@ -145,6 +147,12 @@ def _resolve_kit(kit, site, role: Role, command, loaded):
 
     if command is not None or not role.needs_kit:
         return kit, None, None
+    if role.credentials != "nvflare-kit":
+        from hpcfed.kit.flower import resolve_credentials
+
+        return resolve_credentials(
+            kit, site, role, local=loaded.profile.scheduler.connect == "local"
+        )
     if kit is None:
         from hpcfed.kit.store import find_kit
 

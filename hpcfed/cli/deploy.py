@@ -16,7 +16,9 @@ from hpcfed.errors import SchedulerUnavailable
 @click.option("--gpus", type=int, default=None, help="GPUs for the role (default: the role's).")
 @click.option("--gpu-type", default=None, help="GPU type, one of the site's gpus.types.")
 @click.option(
-    "--framework", default="nvflare", show_default=True, help="Federated-learning framework."
+    "--framework",
+    default=None,
+    help="Federated-learning framework (default: the one that has ROLE, else nvflare).",
 )
 @click.option("--name", default=None, help="Deployment name (default: SITE-ROLE).")
 @click.option("--time", "time_", default=None, help="Time limit, e.g. 2h, 1d, 1-00:00:00.")

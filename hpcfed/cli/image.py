@@ -25,6 +25,7 @@ def image():
     \b
     Example:
       hpcfed image build client --framework nvflare --version 2.9.0
+      hpcfed image build supernode --framework flower --version 1.42.0
       hpcfed image build server --framework nvflare --version 2.9.0 --base localimage:/var/cache/hpcfed/base-bookworm.sif
       hpcfed image list --site ohsu
     """
@@ -41,13 +42,12 @@ _dir_option = click.option(
 
 
 @image.command()
-@click.argument("role", type=click.Choice(["base", "client", "server"]))
+@click.argument("role")
 @click.option(
     "--framework",
-    type=click.Choice(["nvflare"]),
-    default="nvflare",
-    show_default=True,
-    help="Framework inside the image (ignored for ROLE=base).",
+    default=None,
+    help="Framework inside the image (default: the one that has ROLE, else nvflare; "
+    "ignored for ROLE=base).",
 )
 @click.option(
     "--version",
@@ -98,10 +98,12 @@ def build(
         from hpcfed.profiles import load_site
 
         apptainer_bin = load_site(site).profile.apptainer.binary
+    from hpcfed.frameworks import framework_of
+
     directory, _ = resolve_image_dir(image_dir, site)
     plan = plan_build(
         role,
-        framework=framework,
+        framework=framework or framework_of(role),
         version=fw_version,
         base=base,
         image_dir=directory,

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from hpcfed import frameworks
 from hpcfed.errors import ConfigError, EnvironmentProblem, HpcfedError, NotFound
 from hpcfed.paths import apptainer_defs_dir, data_dir
 
-ROLES = ("base", "client", "server")
-FRAMEWORKS = ("nvflare",)
 DEFAULT_BASE = "docker://python:3.11-slim"
 COMPRESSIONS = {
     "gzip": "-comp gzip",
@@ -86,6 +85,23 @@ def base_reference(bootstrap: str, base_from: str) -> str:
     return f"localimage:{base_from}" if bootstrap == "localimage" else f"{bootstrap}://{base_from}"
 
 
+def image_roles(framework: str) -> tuple[str, ...]:
+    """The roles of `framework` that run as jobs, each in an image of its own."""
+    return tuple(n for n, r in frameworks.table().get(framework, {}).items() if r.is_job)
+
+
+def check_image_role(framework: Optional[str], role: str) -> None:
+    if framework not in frameworks.table():
+        raise ConfigError(
+            f"--framework {framework!r}: expected one of {', '.join(frameworks.frameworks())}"
+        )
+    roles = image_roles(framework)
+    if role not in roles:
+        raise ConfigError(
+            f"role {role!r}: expected base or a {framework} role ({', '.join(roles)})"
+        )
+
+
 def image_name(role: str, framework: Optional[str], version: Optional[str]) -> str:
     if role == "base":
         return "hpcfed-base.sif"
@@ -124,11 +140,8 @@ def plan_build(
     hpcfed_version: str = "unknown",
 ) -> BuildPlan:
     """Validate the request and decide everything the build does (pure)."""
-    if role not in ROLES:
-        raise ConfigError(f"role {role!r}: expected one of {', '.join(ROLES)}")
     if role != "base":
-        if framework not in FRAMEWORKS:
-            raise ConfigError(f"--framework {framework!r}: expected one of {', '.join(FRAMEWORKS)}")
+        check_image_role(framework, role)
         if not version or not all(c.isalnum() or c in ".-+" for c in version):
             raise ConfigError(
                 f"--version {version!r}: give the framework's exact version, e.g. 2.9.0"

@@ -12,11 +12,21 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from hpcfed.errors import ConfigError, GpuPreflightFailed, HpcfedError, KitError, TunnelError
+from hpcfed.frameworks import LOCAL_BIND, fill_local_ports
 from hpcfed.paths import hpcfed_command
 from hpcfed.plan import Plan
 
 EXIT_PREFLIGHT = 10
 EXIT_TUNNEL = 9
+
+
+def free_port() -> int:
+    """A port no one on this node listens on now (the kernel's pick for port 0)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((LOCAL_BIND, 0))
+        return sock.getsockname()[1]
 
 
 def log(message: str) -> None:
@@ -131,9 +141,9 @@ class Supervisor:
 
     # (4) the role
     def role_argv(self, ws: Path) -> Tuple[List[str], Dict[str, str]]:
-        command = list(self.plan.command)
+        command = list(fill_local_ports(self.plan.command, self.local_ports()))
         if not self.plan.image:
-            return command, {}
+            return command, dict(self.plan.env)
         try:
             from hpcfed.container.apptainer import exec_argv
         except ImportError:
@@ -150,10 +160,18 @@ class Supervisor:
             binds=list(c.binds),
             kit_dir=self.plan.kit,
             workspace=str(ws),
-            env={},
+            env=dict(self.plan.env),
             hosts_file=self.hosts_file(),
         )
         return list(argv), dict(env)
+
+    def local_ports(self) -> Dict[str, int]:
+        """A free port on this node for each of the role's per-job ports (the container shares
+        the node's network: two jobs of the role on one node must not ask for the same one)."""
+        ports = {name: free_port() for name in self.plan.local_ports}
+        if ports:
+            log("local ports: " + ", ".join(f"{n} {p}" for n, p in ports.items()))
+        return ports
 
     def hosts_file(self) -> Optional[str]:
         """An /etc/hosts for the container mapping the federation's server name to where the
