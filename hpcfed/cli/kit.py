@@ -395,3 +395,182 @@ def use(site, role, federation, rollback, as_json):
     if rollback:
         store.set_default(site, role, federation)
     emit(chosen.to_dict(), as_json, _human_kit)
+
+
+# ---------------------------------------------------------------- Flower (no dashboard)
+@kit.group()
+def flower():
+    """Flower credentials: the operator's CA and server certificate, each site's own key.
+
+    \b
+    Example (operator):  hpcfed kit flower ca --federation fed1 --server-name fl-server
+    Example (a site):    hpcfed kit flower keygen --federation fed1 --site hospital-a \\
+                           --ca ca.crt --server fl-server:9093
+    Example (operator):  hpcfed kit flower register site.pub --site hospital-a --image SIF \\
+                           --tunnel-config admin.wg.conf --server-ip 10.0.0.2
+    """
+
+
+@flower.command("ca")
+@click.option("--federation", required=True, help="The federation's name.")
+@click.option("--server-name", required=True, help="The name SuperNodes dial (in the certificate).")
+@click.option("--port", type=int, default=9093, show_default=True, help="The SuperLink's port.")
+@json_option
+def flower_ca(federation, server_name, port, as_json):
+    """Create the federation's CA and the SuperLink's server certificate (operator)."""
+    from hpcfed.kit import flower as fl
+
+    out = fl.make_ca(federation, server_name, port)
+    emit(
+        out,
+        as_json,
+        lambda d: click.echo(
+            f"federation {d['federation']}: server {d['server_name']}:{d['port']}\n"
+            f"CA certificate (give it to the sites): {d['ca']}\n"
+            f"CA fingerprint: {d['ca_fingerprint']}\n"
+            f"SuperLink credentials (its --kit): {d['superlink_kit']}"
+        ),
+    )
+
+
+@flower.command("keygen")
+@click.option("--federation", required=True, help="The federation's name.")
+@click.option("--site", required=True, help="This site's name (its SuperNode's --site).")
+@click.option("--ca", "ca_file", required=True, help="The federation's CA certificate.")
+@click.option("--server", required=True, help="The federation's server NAME:PORT.")
+@json_option
+def flower_keygen(federation, site, ca_file, server, as_json):
+    """Create this site's SuperNode key here; only the public key goes to the operator."""
+    from hpcfed.kit import flower as fl
+
+    out = fl.keygen(federation, site, ca_file, server)
+    emit(
+        out,
+        as_json,
+        lambda d: click.echo(
+            f"SuperNode key of {d['site']} made in {d['kit']} (the private key stays there)\n"
+            f"send this public key to the operator: {d['public_key']}\n"
+            f"check the CA fingerprint with the operator: {d['ca_fingerprint']}"
+        ),
+    )
+
+
+def _console_options(f):
+    for option in reversed(
+        [
+            click.option(
+                "--federation", default=None, help="The federation (default: the only one)."
+            ),
+            click.option(
+                "--image", default=None, help="Run flwr in this image (Flower superlink)."
+            ),
+            click.option(
+                "--tunnel-config", default=None, help="Reach the SuperLink through a tunnel peer."
+            ),
+            click.option("--server-ip", default=None, help="The SuperLink's tunnel address."),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _console(federation, image, tunnel_config, server_ip):
+    from hpcfed.kit import flower as fl
+
+    name, _ = fl.federation_of(federation)
+    return fl.Console(name, image=image, tunnel_config=tunnel_config, server_ip=server_ip)
+
+
+def _flwr_or_fail(console, args, inputs=(), stream=None):
+    from hpcfed.kit import flower as fl
+
+    code, out = fl.run_flwr(console, args, inputs=inputs, stream=stream)
+    if code != 0:
+        raise KitError(f"flwr {' '.join(args[:2])} failed (exit {code}): {_why(out)}")
+    return out
+
+
+def _why(out: str) -> str:
+    """flwr's message without its box drawing: the last line that says something."""
+    for line in reversed(out.strip().splitlines()):
+        text = line.strip(" │╭╮╰╯─\t")
+        if any(c.isalpha() for c in text) and not text.startswith("Error"):
+            return text
+    return "no output"
+
+
+def _json_tail(out: str):
+    import json
+
+    start = out.find("{")
+    try:
+        return json.loads(out[start:]) if start >= 0 else {}
+    except ValueError:
+        return {"output": out}
+
+
+@flower.command("register")
+@click.argument("public_key")
+@click.option("--site", required=True, help="The site's name (shown by list).")
+@_console_options
+@json_option
+def flower_register(public_key, site, federation, image, tunnel_config, server_ip, as_json):
+    """Register a site's SuperNode public key with the SuperLink (operator)."""
+    if not os.path.isfile(public_key):
+        raise NotFound(f"{public_key}: no such file")
+    console = _console(federation, image, tunnel_config, server_ip)
+    from hpcfed.kit.flower import INPUT_DIR
+
+    where = f"{INPUT_DIR}/site.pub" if image else os.path.abspath(public_key)
+    out = _flwr_or_fail(
+        console,
+        ["supernode", "register", where, console.federation, "--name", site, "--format", "json"],
+        inputs=((public_key, "site.pub"),),
+    )
+    emit(_json_tail(out), as_json, lambda d: click.echo(f"registered {site}: {d}"))
+
+
+@flower.command("list")
+@_console_options
+@json_option
+def flower_list(federation, image, tunnel_config, server_ip, as_json):
+    """The SuperNodes the SuperLink knows, with their status (operator)."""
+    console = _console(federation, image, tunnel_config, server_ip)
+    out = _flwr_or_fail(console, ["supernode", "list", console.federation, "--format", "json"])
+    emit(_json_tail(out), as_json, lambda d: click.echo(json_dumps(d)))
+
+
+@flower.command("unregister")
+@click.argument("node_id")
+@_console_options
+@json_option
+def flower_unregister(node_id, federation, image, tunnel_config, server_ip, as_json):
+    """Remove a SuperNode from the federation (operator)."""
+    console = _console(federation, image, tunnel_config, server_ip)
+    out = _flwr_or_fail(console, ["supernode", "unregister", node_id, console.federation])
+    emit(
+        {"unregistered": node_id, "output": out.strip()}, as_json, lambda d: click.echo(d["output"])
+    )
+
+
+@flower.command("flwr", context_settings={"ignore_unknown_options": True})
+@_console_options
+@click.option(
+    "--app", default=None, help="A Flower app directory, at /fl/workspace/in/app in the image."
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def flower_flwr(federation, image, tunnel_config, server_ip, app, args):
+    """Run the operator's `flwr ARGS` against the SuperLink, e.g. `--app DIR -- run /fl/workspace/in/app --stream`."""
+    from hpcfed.kit import flower as fl
+
+    console = _console(federation, image, tunnel_config, server_ip)
+    inputs = ((app, "app"),) if app else ()
+    args = [a.replace("{federation}", console.federation) for a in args]
+    code, _ = fl.run_flwr(console, list(args), inputs=inputs, stream=click.echo)
+    sys.exit(code)
+
+
+def json_dumps(d) -> str:
+    import json
+
+    return json.dumps(d, indent=1)

@@ -34,6 +34,15 @@ _LOCAL_PORT = re.compile(r"\{local_port:([a-z][a-z0-9_-]*)\}")
 
 
 @dataclass(frozen=True)
+class Failure:
+    """A failure the framework reports only in its output: text to look for, what it means."""
+
+    pattern: str
+    exit_code: int
+    message: str
+
+
+@dataclass(frozen=True)
 class Role:
     framework: str
     name: str
@@ -47,6 +56,7 @@ class Role:
     dials: Tuple[Tuple[str, int], ...] = ()
     local_ports: Tuple[str, ...] = ()
     env: Tuple[Tuple[str, str], ...] = ()
+    failures: Tuple[Failure, ...] = ()
 
     @property
     def needs_kit(self) -> bool:
@@ -117,6 +127,10 @@ def _role(fw: str, spec: dict, name: str, r: dict) -> Role:
         dials=_ports(fw, name, r.get("dials"), ports),
         local_ports=local,
         env=tuple(sorted((k, str(v)) for k, v in env.items())),
+        failures=tuple(
+            Failure(str(f["match"]), int(f["exit_code"]), str(f["message"]))
+            for f in r.get("failures") or ()
+        ),
     )
 
 

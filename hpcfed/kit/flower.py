@@ -192,7 +192,13 @@ def make_ca(federation: str, server_name: str, port: int = DEFAULT_PORT) -> dict
     server_key = _ec_key()
     server_cert = _pem_cert(
         _certificate(
-            server_name, server_key.public_key(), ca_key, issuer, ca=False, sans=(server_name,)
+            server_name,
+            server_key.public_key(),
+            ca_key,
+            issuer,
+            ca=False,
+            # The SuperLink's own helpers (flower-superexec, flwr-serverapp) dial it on loopback.
+            sans=(server_name, "localhost", "127.0.0.1"),
         )
     )
     create_private(op / "ca.key", _pem_key(ca_key))
@@ -307,3 +313,161 @@ def federation_of(federation: Optional[str]) -> Tuple[str, Federation]:
             )
         federation = made[0]
     return federation, Federation.read(operator_dir(federation))
+
+
+# ---------------------------------------------------------------- the operator's console (flwr)
+CONSOLE_HOME = "/fl/workspace"  # FLWR_HOME inside the image (exec_argv binds it there)
+INPUT_DIR = f"{CONSOLE_HOME}/in"  # where run_flwr inputs appear in the image
+
+
+@dataclass(frozen=True)
+class Console:
+    """How the operator's `flwr` reaches the SuperLink: in `image` (the name resolves through a
+    generated /etc/hosts), through a tunnel peer of its own to the SuperLink's tunnel address."""
+
+    federation: str
+    image: Optional[str] = None
+    tunnel_config: Optional[str] = None
+    server_ip: Optional[str] = None
+    apptainer: str = "apptainer"
+
+    def check(self) -> None:
+        if self.tunnel_config and not self.image:
+            raise ConfigError(
+                "--tunnel-config needs --image: the server name must resolve to the tunnel, "
+                "which only the container's /etc/hosts can do"
+            )
+        if self.tunnel_config and not self.server_ip:
+            raise ConfigError("--tunnel-config needs --server-ip (the SuperLink's tunnel address)")
+
+
+def _config_toml(federation: str, address: str, ca: str) -> str:
+    return (
+        f'[superlink]\ndefault = "{federation}"\n\n'
+        f'[superlink.{federation}]\naddress = "{address}"\nroot-certificates = "{ca}"\n'
+    )
+
+
+def run_flwr(
+    console: Console,
+    args: List[str],
+    *,
+    inputs: Tuple[Tuple[str, str], ...] = (),
+    timeout: Optional[float] = None,
+    stream=None,
+):
+    """Run `flwr ARGS` against the federation's SuperLink; (exit code, output).
+
+    inputs: (host path, name) made readable as INPUT_DIR/NAME in the image (or used as given
+    without one). stream: called with each output line as it comes.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+
+    from hpcfed import frameworks
+    from hpcfed.container.apptainer import exec_argv
+
+    console.check()
+    fed = Federation.read(operator_dir(console.federation))
+    home = Path(tempfile.mkdtemp(prefix="flwr-", dir=paths.private_mkdir(root() / ".console")))
+    tunnel = None
+    try:
+        shutil.copy(operator_dir(console.federation) / "ca.crt", home / "ca.crt")
+        port = fed.port
+        if console.tunnel_config:
+            tunnel, port = _console_tunnel(console, fed, home)
+        inside = CONSOLE_HOME if console.image else str(home)
+        (home / "config.toml").write_text(
+            _config_toml(console.federation, f"{fed.server_name}:{port}", f"{inside}/ca.crt")
+        )
+        env = dict(frameworks.role("flower", "flwr").env, FLWR_HOME=inside)
+        if console.image:
+            indir = home / "in"
+            indir.mkdir()
+            for src, name in inputs:
+                target = indir / name
+                if Path(src).is_dir():
+                    shutil.copytree(src, target)
+                else:
+                    shutil.copy(src, target)
+            hosts = home / "hosts"
+            hosts.write_text(f"127.0.0.1 localhost {fed.server_name}\n")
+            argv, extra = exec_argv(
+                apptainer=console.apptainer,
+                image=console.image,
+                command=["flwr", *args],
+                gpu_flag=None,
+                binds=[],
+                kit_dir=None,
+                workspace=str(home),
+                env=env,
+                hosts_file=str(hosts),
+                job_env={},
+            )
+            full_env = dict(os.environ, **extra)
+        else:
+            argv = ["flwr", *args]
+            full_env = dict(os.environ, **env)
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            errors="replace",
+            env=full_env,
+            cwd=str(home),
+        )
+        lines = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if stream is not None:
+                stream(line.rstrip("\n"))
+        code = proc.wait(timeout=timeout)
+        return code, "".join(lines)
+    finally:
+        if tunnel is not None and tunnel.poll() is None:
+            tunnel.terminate()
+            try:
+                tunnel.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                tunnel.kill()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _console_tunnel(console: Console, fed: Federation, home: Path):
+    """The console's own tunnel peer: -L to the SuperLink on a free local port (the node may
+    run a SuperLink or SuperNode forwards on the federation's port itself)."""
+    import subprocess
+
+    from hpcfed.supervisor.run import free_port
+    from hpcfed.tunnel.job import wait_ready
+
+    role = frameworks_role("flwr")
+    port = free_port()
+    local, _ = role.forwards(str(console.server_ip), fed.port)
+    spec = local[0].replace(f":{fed.port}=", f":{port}=", 1)
+    ready = home / "tunnel.ready"
+    argv = paths.hpcfed_command() + [
+        "tunnel",
+        "up",
+        "--config",
+        str(console.tunnel_config),
+        "--ready-file",
+        str(ready),
+        "-L",
+        spec,
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    wait_ready(proc, str(ready), timeout=60)
+    return proc, port
+
+
+def frameworks_role(name: str):
+    from hpcfed import frameworks
+
+    return frameworks.role("flower", name)

@@ -13,11 +13,16 @@ from typing import Dict, List, Optional, Tuple
 
 from hpcfed.errors import ConfigError, GpuPreflightFailed, HpcfedError, KitError, TunnelError
 from hpcfed.frameworks import LOCAL_BIND, fill_local_ports
+from hpcfed.frameworks import role as role_of_framework
 from hpcfed.paths import hpcfed_command
 from hpcfed.plan import Plan
 
 EXIT_PREFLIGHT = 10
 EXIT_TUNNEL = 9
+
+
+def role_of(plan: Plan):
+    return role_of_framework(plan.framework, plan.role)
 
 
 def free_port() -> int:
@@ -48,6 +53,7 @@ class Supervisor:
         self.stop_started = 0.0
         self.started = time.monotonic()  # this run of the job (a requeued job starts afresh)
         self.terminating = False  # SIGTERM/SIGINT seen: Slurm is ending the job now
+        self.failure = None  # a known failure of the framework seen in the role's output
 
     def event(self, kind: str, detail: str = "") -> None:
         """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
@@ -117,7 +123,9 @@ class Supervisor:
 
     # (3) workspace
     def workspace(self) -> Path:
-        if not self.plan.kit:
+        # Only an NVFlare startup kit becomes a workspace of its own; other credentials are
+        # mounted read-only as they are, and the role works in the deployment's directory.
+        if not self.plan.kit or role_of(self.plan).credentials != "nvflare-kit":
             return self.workdir
         try:
             from hpcfed.kit.workspace import prepare_workspace
@@ -198,9 +206,40 @@ class Supervisor:
         env["HPCFED_DEPLOYMENT"] = self.plan.name
         log(f"starting {self.plan.framework} {self.plan.role} in {ws}: {' '.join(argv)}")
         # Own process group: signals go to the role and everything it started.
+        role = role_of(self.plan)
+        # --command replaces the role's program: then the framework's failures do not apply.
+        failures = role.failures if self.plan.command[:1] == role.command[:1] else ()
         self.role = subprocess.Popen(
-            argv, cwd=str(ws), env=env, stdin=subprocess.DEVNULL, start_new_session=True
+            argv,
+            cwd=str(ws),
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            stdout=subprocess.PIPE if failures else None,
+            stderr=subprocess.STDOUT if failures else None,
         )
+        if failures:
+            import threading
+
+            threading.Thread(target=self.watch_output, args=(failures,), daemon=True).start()
+
+    def watch_output(self, failures) -> None:
+        """Copy the role's output to the job log and recognise the framework's known failures
+        (e.g. Flower's exit code 305: a SuperNode whose key is not registered), so the job's
+        log says why in one line instead of a framework traceback."""
+        assert self.role is not None and self.role.stdout is not None
+        out = sys.stdout.buffer
+        for raw in self.role.stdout:
+            out.write(raw)
+            out.flush()
+            if self.failure is None:
+                line = raw.decode(errors="replace")
+                for f in failures:
+                    if f.pattern in line:
+                        self.failure = f
+                        log(
+                            f"{self.plan.framework} {self.plan.role}: {f.message} (exit code {f.exit_code})"
+                        )
 
     # (5) signals
     def on_signal(self, signum, _frame) -> None:
@@ -376,6 +415,11 @@ class Supervisor:
             code = self.role.wait()
             if code < 0:  # killed by a signal: report it the shell's way
                 code = 128 - code
+            if self.failure is not None and not self.stop_reason:
+                code = self.failure.exit_code
+                self.report(code, self.failure.message)
+                self.event("role-failed", f"{self.failure.message} (exit code {code})")
+                return code
             self.report(code, self.stop_reason or "role exited")
             if self.stop_reason:
                 took = time.monotonic() - self.stop_started

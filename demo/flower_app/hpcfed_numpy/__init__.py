@@ -1,0 +1,1 @@
+"""hpcfed's numpy demo app for Flower (see pyproject.toml)."""
