@@ -21,4 +21,6 @@ def main(grid: Grid, context: Context) -> None:
         train_config=ConfigRecord({"round-seconds": float(context.run_config["round-seconds"])}),
     )
     weights = result.arrays.to_numpy_ndarrays()[0]
-    print("hpcfed-result: " + json.dumps({"rounds": rounds, "weights": weights.tolist()}), flush=True)
+    print(
+        "hpcfed-result: " + json.dumps({"rounds": rounds, "weights": weights.tolist()}), flush=True
+    )
