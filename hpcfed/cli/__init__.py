@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "rejoin": "rejoin:rejoin",
     "cron": "rejoin:cron",
     "job": "job:job",
+    "completion": "completion:completion",
 }
 
 

@@ -38,3 +38,28 @@ def progress(message: str) -> None:
     """A progress line on stderr, so stdout stays clean for data (--json)."""
     click.echo(f"hpcfed: {message}", err=True)
     sys.stderr.flush()
+
+
+# Shell completion (click's protocol; `hpcfed completion SHELL` prints the shell's script).
+# Called on every TAB press: each reads only directory listings, no profile or record contents.
+def complete_sites(ctx, param, incomplete: str):
+    """Site profile names: bundled and the user's ~/.config/hpcfed/sites/*.yaml."""
+    from hpcfed.profiles.loader import site_names
+
+    return [n for n in site_names() if n.startswith(incomplete)]
+
+
+def complete_deployments(ctx, param, incomplete: str):
+    """Names of the user's recorded deployments."""
+    from hpcfed.state import DeploymentStore
+
+    root = DeploymentStore().root
+    names = sorted(p.stem for p in root.glob("*.json")) if root.is_dir() else []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_roles(ctx, param, incomplete: str):
+    """Role names of every framework (roles.yaml)."""
+    from hpcfed.frameworks import all_role_names
+
+    return [n for n in all_role_names() if n.startswith(incomplete)]

@@ -6,13 +6,27 @@ import sys
 
 import click
 
-from hpcfed.cli._common import emit, emit_json, json_option, progress, table
+from hpcfed.cli._common import (
+    complete_deployments,
+    complete_roles,
+    complete_sites,
+    emit,
+    emit_json,
+    json_option,
+    progress,
+    table,
+)
 from hpcfed.errors import SchedulerUnavailable
 
 
 @click.command()
-@click.argument("role")
-@click.option("--site", required=True, help="Site profile name (see `hpcfed sites list`).")
+@click.argument("role", shell_complete=complete_roles)
+@click.option(
+    "--site",
+    required=True,
+    shell_complete=complete_sites,
+    help="Site profile name (see `hpcfed sites list`).",
+)
 @click.option("--gpus", type=int, default=None, help="GPUs for the role (default: the role's).")
 @click.option("--gpu-type", default=None, help="GPU type, one of the site's gpus.types.")
 @click.option(
@@ -116,7 +130,7 @@ def submit(
 
 
 @click.command()
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, shell_complete=complete_deployments)
 @json_option
 def status(names, as_json):
     """Show deployments and their jobs' state (one scheduler call per site for all of them).
@@ -175,7 +189,7 @@ def status(names, as_json):
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_deployments)
 @click.option(
     "--job", "job_id", default=None, help="An earlier job of the deployment (default: the latest)."
 )
@@ -198,7 +212,7 @@ def logs(name, job_id, follow):
 
 
 @click.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_deployments)
 @json_option
 def cancel(name, as_json):
     """Cancel a deployment's job and mark it stopped on purpose (rejoin leaves it alone).

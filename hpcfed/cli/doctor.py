@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpcfed.cli._common import emit, json_option, table
+from hpcfed.cli._common import complete_sites, emit, json_option, table
 from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
 
 
@@ -125,7 +125,13 @@ def _checks(site_name: str):
 
 
 @click.command()
-@click.option("--site", "sites", multiple=True, help="Site to check (default: every known site).")
+@click.option(
+    "--site",
+    "sites",
+    multiple=True,
+    shell_complete=complete_sites,
+    help="Site to check (default: every known site).",
+)
 @json_option
 def doctor(sites, as_json):
     """Check that a site works: profile, scheduler, accounting, partitions, GPUs, Apptainer.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from hpcfed.cli._common import emit, json_option, table
+from hpcfed.cli._common import complete_sites, emit, json_option, table
 
 
 def _human(report: dict) -> None:
@@ -62,7 +62,9 @@ def _human(report: dict) -> None:
     help="Fail (exit 10) when NVML is absent instead of reporting that the check is skipped.",
 )
 @click.option(
-    "--site", help="Take --min-memory and whether NVML is required from this site's profile."
+    "--site",
+    shell_complete=complete_sites,
+    help="Take --min-memory and whether NVML is required from this site's profile.",
 )
 @json_option
 def gpus(min_memory_mib, ecc_threshold, require_nvml, site, as_json):

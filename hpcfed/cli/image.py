@@ -6,7 +6,7 @@ import os
 
 import click
 
-from hpcfed.cli._common import emit, json_option, progress, table
+from hpcfed.cli._common import complete_sites, emit, json_option, progress, table
 
 
 def _hpcfed_version() -> str:
@@ -32,7 +32,9 @@ def image():
 
 
 _site_option = click.option(
-    "--site", help="Store/list in this site's image directory (apptainer.image_dir)."
+    "--site",
+    shell_complete=complete_sites,
+    help="Store/list in this site's image directory (apptainer.image_dir).",
 )
 _dir_option = click.option(
     "--image-dir",

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from hpcfed.cli._common import emit, json_option, table
+from hpcfed.cli._common import complete_sites, emit, json_option, table
 
 
 @click.group()
@@ -53,7 +53,7 @@ def list_(as_json):
 
 
 @sites.command("show")
-@click.argument("site")
+@click.argument("site", shell_complete=complete_sites)
 @json_option
 def show(site, as_json):
     """Show the merged profile of SITE with the source of every value.
