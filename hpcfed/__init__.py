@@ -11,14 +11,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-try:
-    from importlib.metadata import version as _version
-
-    __version__ = _version("hpcfed")
-except Exception:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
-
 if TYPE_CHECKING:
+    __version__: str
     from hpcfed.api import Deployment, Site, Status, deployment, deployments, rejoin
     from hpcfed.errors import HpcfedError
     from hpcfed.submission import SubmitRequest, prepare
@@ -49,7 +43,20 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("hpcfed")
+    except Exception:  # running from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    # importlib.metadata alone costs more than the rest of a submit's imports: asked for only
+    # by `hpcfed --version` and hpcfed.__version__, so read only then.
+    if name == "__version__":
+        return _version()
     module = _API.get(name)
     if module is None:
         raise AttributeError(f"module 'hpcfed' has no attribute {name!r}")
