@@ -261,7 +261,7 @@ class Site:
         gpus: Optional[int] = None,
         kit: Optional[str] = None,
         name: Optional[str] = None,
-        framework: str = "nvflare",
+        framework: Optional[str] = None,
         gpu_type: Optional[str] = None,
         time: Optional[str] = None,
         partition: Optional[str] = None,
@@ -272,7 +272,8 @@ class Site:
         forward_remote: Sequence[str] = (),
         dry_run: bool = False,
     ) -> Deployment:
-        """Submit ROLE here, as `hpcfed submit ROLE --site SITE ...` (same keywords as flags).
+        """Submit ROLE here, as `hpcfed submit ROLE --site SITE ...` (same keywords as flags;
+        `framework` defaults to the one that has ROLE, else nvflare).
 
         With dry_run=True nothing is submitted or recorded: the handle's `plan` and `script`
         show what would be.

@@ -59,7 +59,8 @@ def complete_deployments(ctx, param, incomplete: str):
 
 
 def complete_roles(ctx, param, incomplete: str):
-    """Role names of every framework (roles.yaml)."""
-    from hpcfed.frameworks import all_role_names
+    """Names of the roles `hpcfed submit` runs as jobs, of every framework (roles.yaml)."""
+    from hpcfed.frameworks import table
 
-    return [n for n in all_role_names() if n.startswith(incomplete)]
+    names = {name for roles in table().values() for name, r in roles.items() if r.is_job}
+    return [n for n in sorted(names) if n.startswith(incomplete)]
