@@ -9,14 +9,17 @@ from __future__ import annotations
 import getpass
 import uuid
 from collections import defaultdict
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from pydantic import ValidationError
 
 from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
-from hpcfed.plan import Plan, SchedulerTarget
 from hpcfed.scheduler import UNKNOWN, JobInfo
+from hpcfed.scheduler.target import SchedulerTarget
 from hpcfed.state import Deployment, DeploymentStore
+
+if TYPE_CHECKING:  # the plan's models load only where a whole plan is read
+    from hpcfed.plan import Plan
 
 
 def plan_user(site) -> str:
@@ -99,6 +102,8 @@ def job_events(dep: Deployment) -> List[dict]:
     """The events the job itself recorded (events.jsonl in its directory on the cluster):
     started, stopped and why, requeued, running again. Empty when it cannot be read."""
     import json
+
+    from hpcfed.plan import Plan
 
     plan = Plan.model_validate(dep.plan)
     runner = None
@@ -225,6 +230,8 @@ def read_log(
     job_id = job_id or dep.jobs[-1]["job_id"]
     if job_id not in {j["job_id"] for j in dep.jobs}:
         raise NotFound(f"--job {job_id}: not a job of deployment {dep.name}")
+    from hpcfed.plan import Plan  # here, not at the top: `hpcfed status` needs no plan models
+
     plan = Plan.model_validate(dep.plan)
     path = plan.log_path(job_id)
     runner, scheduler = connect(plan.scheduler)
@@ -260,6 +267,8 @@ def read_log(
 
 def cancel(store: DeploymentStore, name: str) -> Deployment:
     """Cancel a deployment's job and mark it stopped on purpose (rejoin leaves it alone)."""
+    from hpcfed.plan import Plan
+
     with store.lock(name):
         dep = store.require(name)
         plan = Plan.model_validate(dep.plan)

@@ -19,6 +19,8 @@ from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.schema import one_word
 from hpcfed.profiles.units import human_duration, parse_duration
+from hpcfed.scheduler.target import SchedulerTarget as SchedulerTarget  # re-exported
+from hpcfed.scheduler.target import SshTarget as SshTarget
 from hpcfed.tunnel import forwards
 from hpcfed.tunnel.forwards import LocalForward, RemoteForward
 
@@ -29,23 +31,6 @@ COMMENT_PREFIX = "hpcfed:"
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SshTarget(_Frozen):
-    host: Optional[str] = None
-    user: Optional[str] = None
-    port: int = 22
-    key: Optional[str] = None
-    known_hosts: Optional[str] = None
-    accept_unknown_host: bool = False
-
-
-class SchedulerTarget(_Frozen):
-    backend: str = "slurm-cli"
-    connect: str = "local"
-    ssh: SshTarget = SshTarget()
-    env: Dict[str, str] = {}
-    timeout: int = 30
 
 
 class Resources(_Frozen):
