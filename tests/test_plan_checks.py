@@ -85,6 +85,18 @@ def test_good_forwards_still_render(env, tmp_path):
     assert "8002=10.220.0.2:8002" in proc.stdout and "9000=127.0.0.1:9001" in proc.stdout
 
 
+def test_a_kit_path_apptainer_cannot_bind_is_refused_at_submit(env, tmp_path):
+    kit = tmp_path / "kits:site-1"  # apptainer splits --bind on ':'
+    kit.mkdir()
+    image = tmp_path / "role.sif"
+    image.write_bytes(b"")
+    proc = hpcfed(
+        "submit", "client", "--site", "local", "--name", "chk", "--kit", str(kit),
+        "--image", str(image), "--dry-run", env=env,
+    )  # fmt: skip
+    refused(proc, "--kit", "no ',' or ':'")
+
+
 def test_a_space_in_partition_cannot_smuggle_sbatch_options(env):
     refused(dry_run(env, "--partition", "debug --account=someone-else"), "--partition", "one word")
 
