@@ -261,6 +261,18 @@ def test_known_hosts_with_cert_authority_revoked_and_hashed_lines(sshd, slurm_cl
 
 
 @pytest.mark.timeout(120)
+def test_a_host_vouched_for_only_by_a_cert_authority_is_unknown(sshd, slurm_cluster, tmp_path):
+    known = tmp_path / "known_hosts"
+    known.write_text(f"@cert-authority * {_other_key(tmp_path, 'ca')}\n")
+    env = _ssh_site(tmp_path, sshd, slurm_cluster, "onlyca", known)
+    proc = hpcfed("doctor", "--site", "onlyca", "--json", env=env)
+    assert proc.returncode == 4, proc.stderr  # doctor: scheduler check failed (70 before)
+    check = _scheduler_check(proc)
+    assert not check["ok"] and "unknown host key" in check["detail"]
+    assert "@cert-authority lines are skipped" in check["detail"]
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("accept", [False, True])
 def test_a_revoked_host_key_is_refused(sshd, slurm_cluster, tmp_path, accept):
     host_key = " ".join(_host_line(sshd).split()[1:3])

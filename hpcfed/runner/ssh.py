@@ -18,7 +18,7 @@ import shlex
 import socket
 import sys
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Set, Tuple
 
 from hpcfed import paths
 from hpcfed.errors import ConfigError, EnvironmentProblem, NotFound, SchedulerUnavailable
@@ -32,8 +32,14 @@ def accepted_hosts_file() -> Path:
     return paths.state_dir() / "known_hosts"
 
 
-def read_known_hosts(path: Path) -> Tuple[Any, Set[KeyId]]:
-    """(paramiko.HostKeys, revoked keys) from an OpenSSH known_hosts file, which is never written.
+class KnownHosts(NamedTuple):
+    keys: Any  # paramiko.HostKeys
+    revoked: Set[KeyId]
+    cert_authorities: int  # @cert-authority lines skipped
+
+
+def read_known_hosts(path: Path) -> KnownHosts:
+    """The keys, revoked keys and skipped CA lines of an OpenSSH known_hosts file (only read).
 
     `@revoked` keys are refused for every host. `@cert-authority` lines are skipped: paramiko
     cannot check host certificates, so such a host needs a plain key line (ssh-keyscan). Lines
@@ -46,16 +52,18 @@ def read_known_hosts(path: Path) -> Tuple[Any, Set[KeyId]]:
     try:
         text = path.read_text(errors="replace")
     except FileNotFoundError:
-        return host_keys, set()
+        return KnownHosts(host_keys, set(), 0)
     except OSError as exc:
         raise EnvironmentProblem(f"{path}: cannot read known hosts: {exc.strerror}") from None
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line and not line.startswith("#")]
     revoked: Set[KeyId] = set()
+    cert_authorities = 0
     for line in lines:
         fields = line.split()
         if fields[0] == "@revoked" and len(fields) >= 4:
             revoked.add((fields[2], fields[3]))
+        cert_authorities += fields[0] == "@cert-authority"
     for number, line in enumerate(lines):
         if line.startswith("@"):
             continue
@@ -69,7 +77,7 @@ def read_known_hosts(path: Path) -> Tuple[Any, Set[KeyId]]:
             continue  # a revoked key is not a known key: the policy below refuses it
         for name in entry.hostnames:
             host_keys.add(name, entry.key.get_name(), entry.key)
-    return host_keys, revoked
+    return KnownHosts(host_keys, revoked, cert_authorities)
 
 
 class _Refused(Exception):
@@ -130,10 +138,9 @@ class SshRunner:
         s = self.settings
         client = paramiko.SSHClient()
         known_hosts = Path(os.path.expanduser(s.known_hosts or "~/.ssh/known_hosts"))
-        host_keys, revoked = read_known_hosts(known_hosts)
-        own, own_revoked = read_known_hosts(accepted_hosts_file())
-        revoked |= own_revoked
-        for hostname, by_type in list(host_keys.items()) + list(own.items()):
+        users, own = read_known_hosts(known_hosts), read_known_hosts(accepted_hosts_file())
+        revoked = users.revoked | own.revoked
+        for hostname, by_type in list(users.keys.items()) + list(own.keys.items()):
             for keytype, key in by_type.items():
                 if (keytype, key.get_base64()) not in revoked:
                     client.get_host_keys().add(hostname, keytype, key)
@@ -159,8 +166,13 @@ class SshRunner:
             client.close()
             if str(exc) != "unknown":
                 raise EnvironmentProblem(f"{self.where}: {exc} - refusing to connect") from None
+            ca = (
+                " (its @cert-authority lines are skipped: host certificates cannot be checked)"
+                if users.cert_authorities
+                else ""
+            )
             raise EnvironmentProblem(
-                f"{self.where}: unknown host key (not in {known_hosts}); check and add it, "
+                f"{self.where}: unknown host key (not in {known_hosts}{ca}); check and add it, "
                 f"e.g. ssh -p {s.port} {s.host} once, or ssh-keyscan"
             ) from None
         except paramiko.BadHostKeyException:
