@@ -5,7 +5,7 @@
 # which is what users get.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
-if [ ! -x "$HPCFED_VENV/bin/python" ]; then
+if [ ! -x "$HPCFED_VENV/bin/python" ] || [ ! -x "$HPCFED_VENV/bin/pip" ]; then  # an interrupted venv has no pip
     /usr/bin/python3 -m venv "$HPCFED_VENV"
     "$HPCFED_VENV/bin/pip" install -q --upgrade pip
 fi
