@@ -4,7 +4,7 @@ VENV ?= /opt/hpcfed/venv
 HPCFED := $(VENV)/bin/hpcfed
 PYTEST_ARGS ?=
 
-.PHONY: bootstrap test lint test-fresh demo demo-down install bench clean
+.PHONY: bootstrap test lint test-fresh demo demo-down install bench clean wheel
 
 bootstrap:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap
@@ -37,3 +37,8 @@ demo-down:
 
 bench:
 	HPCFED_VENV=$(VENV) $(VENV)/bin/python -m benchmarks $(BENCH)
+
+# Binary wheel(s) into dist/: abi3 (CPython >= 3.9), manylinux_2_28 (glibc >= 2.28), checked with
+# auditwheel; pip installs them with no Rust toolchain. WHEEL_ARCHS="x86_64 aarch64" for both.
+wheel:
+	bash scripts/build-wheel

@@ -16,17 +16,6 @@ die() { echo "30-apptainer: $*" >&2; exit 1; }
 apt_install patchelf squashfs-tools squashfuse fuse2fs fuse-overlayfs uidmap \
     containernetworking-plugins ca-certificates libcap2-bin debootstrap
 
-# The machine's own Debian mirror (never a host name written into the project).
-debian_mirror() {
-    local uri
-    uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' \
-        | grep -v -e security -e nodesource -e google | head -n1 || true)
-    [ -n "$uri" ] || uri=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' \
-        | grep -v security | head -n1 || true)
-    [ -n "$uri" ] || die "no Debian mirror found in /etc/apt/sources.list*"
-    echo "$uri"
-}
-
 install_apptainer() {
     local work mirror
     work=$(mktemp -d)

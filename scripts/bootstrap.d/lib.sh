@@ -17,3 +17,14 @@ apt_install() {
     echo "installing: ${missing[*]}"
     apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
+
+# The machine's own Debian mirror (never a host name written into the project); for debootstrap.
+debian_mirror() {
+    local uri
+    uri=$(grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}' \
+        | grep -v -e security -e nodesource -e google | head -n1 || true)
+    [ -n "$uri" ] || uri=$(grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}' \
+        | grep -v security | head -n1 || true)
+    [ -n "$uri" ] || { echo "no Debian mirror found in /etc/apt/sources.list*" >&2; return 1; }
+    echo "$uri"
+}
