@@ -49,12 +49,15 @@ def submit_plan(
     """Submit `script` for `plan`, record it, return (deployment, job id).
 
     The deployment is locked for the whole submit, so two login nodes cannot submit one name
-    twice; a name whose job is still queued or running is refused.
+    twice; a name whose job is still queued or running is refused. The intent is recorded before
+    sbatch runs, so a crash in between leaves a record the next command settles.
     """
     with store.lock(plan.name):
         dep = store.get(plan.name)
         runner, scheduler = connect(plan.scheduler)
         try:
+            if dep is not None:
+                dep = settle_pending(store, dep, scheduler)
             if dep is not None and dep.job_id:
                 info = scheduler.query([dep.job_id])[dep.job_id]
                 if info.active:
@@ -62,26 +65,116 @@ def submit_plan(
                         f"--name {plan.name}: deployment already has job {dep.job_id} "
                         f"({info.state}); `hpcfed cancel {plan.name}` first or pick another name"
                     )
-            job_id = submit_locked(plan, script, runner, scheduler, progress)
+            before = dep.to_dict() if dep is not None else None
+            if dep is None:
+                dep = Deployment(
+                    name=plan.name,
+                    deployment_id=plan.deployment_id,
+                    site=plan.site,
+                    role=plan.role,
+                    framework=plan.framework,
+                    plan=plan.model_dump(mode="json"),
+                )
+            dep.plan = plan.model_dump(mode="json")
+            job_id = submit_recorded(
+                store, dep, plan, script, runner, scheduler, "submit", before, progress
+            )
         finally:
             runner.close()
-        if dep is None:
-            dep = Deployment(
-                name=plan.name,
-                deployment_id=plan.deployment_id,
-                site=plan.site,
-                role=plan.role,
-                framework=plan.framework,
-                plan=plan.model_dump(mode="json"),
-            )
-            dep.add_event("submitted", f"job {job_id}")
-        else:
-            dep.plan = plan.model_dump(mode="json")
-            dep.stopped = False
-            dep.add_event("resubmitted", f"job {job_id} (hpcfed submit)")
-        record_job(dep, job_id)
+        dep.stopped = False
+        dep.add_event(
+            "submitted" if len(dep.jobs) == 1 else "resubmitted",
+            f"job {job_id}" if len(dep.jobs) == 1 else f"job {job_id} (hpcfed submit)",
+        )
         store.put(dep)
     return dep, job_id
+
+
+def submit_recorded(
+    store: DeploymentStore,
+    dep: Deployment,
+    plan: Plan,
+    script: str,
+    runner,
+    scheduler,
+    by: str,
+    before: Optional[Dict] = None,
+    progress=lambda m: None,
+) -> str:
+    """sbatch between an intent record and the job in `dep` (the caller holds the lock, then
+    writes `dep` with its event). `before`: the record as it was, put back when the scheduler
+    refused the job (None: there was none, so none is left)."""
+    from hpcfed.state.store import now
+
+    dep.pending = {"since": now(), "by": by, "job_name": plan.job_name, "comment": plan.comment}
+    store.put(dep)
+    try:
+        job_id = submit_locked(plan, script, runner, scheduler, progress)
+    except SchedulerUnavailable:
+        raise  # the job may exist: the intent stays for the next command to settle
+    except (HpcfedError, OSError):
+        # refused, or never sent: nothing to settle later (an interrupt keeps the intent)
+        if before is None:
+            store.remove(dep.name)
+        else:
+            store.put(Deployment.from_dict(before))
+        raise
+    dep.pending = None
+    record_job(dep, job_id, by=by)
+    return job_id
+
+
+def settle_pending(store: DeploymentStore, dep: Deployment, scheduler) -> Optional[Deployment]:
+    """Under the deployment's lock: a record still carrying an intent means an hpcfed died
+    around its sbatch. Adopt the job carrying the deployment's marker, if the scheduler has one;
+    else the submission never happened. Returns the settled deployment, None when it is gone
+    (it never had a job); SchedulerUnavailable leaves the intent for later."""
+    pending = dep.pending
+    if not pending:
+        return dep
+    found = scheduler.find(pending["job_name"], pending["comment"])
+    by = pending.get("by", "submit")
+    if found and found not in {j["job_id"] for j in dep.jobs}:
+        record_job(dep, found, by="adopted")
+        dep.add_event("adopted", f"job {found}: submitted by an interrupted hpcfed {by}")
+    else:
+        dep.add_event("submit-interrupted", f"an interrupted hpcfed {by} submitted no job")
+    dep.pending = None
+    if not dep.jobs:
+        store.remove(dep.name)
+        return None
+    store.put(dep)
+    return dep
+
+
+def settle_all_pending(
+    store: DeploymentStore, deps: List[Deployment]
+) -> Tuple[List[Deployment], List[str]]:
+    """Settle every deployment left with an intent (see settle_pending) before it is looked at.
+    One that is locked (its submit may still be running) or whose scheduler does not answer is
+    left as it is. Returns (deployments, why the scheduler could not settle some)."""
+    out = []
+    unanswered: List[str] = []
+    for dep in deps:
+        settled: Optional[Deployment] = dep
+        if dep.pending:
+            try:
+                with store.lock(dep.name, wait=0):
+                    settled = store.get(dep.name)
+                    if settled is not None and settled.pending:
+                        runner, scheduler = connect(Plan.model_validate(settled.plan).scheduler)
+                        try:
+                            settled = settle_pending(store, settled, scheduler)
+                        finally:
+                            runner.close()
+            except SchedulerUnavailable as exc:
+                settled = dep
+                unanswered.append(str(exc))
+            except HpcfedError:
+                settled = dep  # busy: its own submit may still be running
+        if settled is not None:
+            out.append(settled)
+    return out, unanswered
 
 
 def submit_locked(plan: Plan, script: str, runner, scheduler, progress=lambda m: None) -> str:
@@ -164,7 +257,7 @@ def poll(deployments: Iterable[Deployment]) -> Tuple[Dict[str, JobInfo], Dict[st
         except SchedulerUnavailable as exc:
             errors[key] = str(exc)
             for d in deps:
-                infos[d.name] = JobInfo(job_id=d.job_id, state=UNKNOWN, reason=str(exc))
+                infos[d.name] = JobInfo(job_id=d.job_id or "", state=UNKNOWN, reason=str(exc))
         finally:
             if scheduler is not None:
                 calls += scheduler.calls()
@@ -199,9 +292,11 @@ def status_rows(
                 "job_id": d.job_id,
                 "state": "STOPPED"
                 if d.stopped and (not info or not info.active)
-                else (info.state if info else "NOT_SUBMITTED"),
+                else (info.state if info else UNKNOWN if d.pending else "NOT_SUBMITTED"),
                 "job_state": info.state if info else None,
-                "reason": info.reason if info else "",
+                "reason": info.reason
+                if info
+                else ("a submit was interrupted; not settled yet" if d.pending else ""),
                 "node": info.node if info else "",
                 "stopped": d.stopped,
                 "jobs": d.jobs,
@@ -272,6 +367,15 @@ def cancel(store: DeploymentStore, name: str) -> Deployment:
     with store.lock(name):
         dep = store.require(name)
         plan = Plan.model_validate(dep.plan)
+        if dep.pending:  # a crashed submit's job is cancelled too
+            runner, scheduler = connect(plan.scheduler)
+            try:
+                settled = settle_pending(store, dep, scheduler)
+            finally:
+                runner.close()
+            if settled is None:
+                raise NotFound(f"deployment {name}: its only submit was interrupted; no job")
+            dep = settled
         # Mark first: a rejoin running meanwhile must not bring it back.
         dep.stopped = True
         dep.add_event("stopped", "hpcfed cancel")

@@ -165,13 +165,34 @@ def test_a_live_holder_keeps_its_lock_however_long_it_holds_it(tmp_path):
     holder.join()
 
 
-def test_a_killed_holder_is_broken_after_its_own_lease(tmp_path):
-    holder, lock, out = _start_holder(tmp_path, seconds=60, lease=1.0)
+def test_a_killed_holder_of_this_machine_is_overtaken_at_once(tmp_path):
+    holder, lock, out = _start_holder(tmp_path, seconds=60, lease=600)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join()
-    assert json.loads(lock.read_text())["lease"] == 1.0
-    with lease_lock(lock, lease=600, wait=20):  # the holder's 1 s counts, not these 600 s
+    assert json.loads(lock.read_text())["pid"] == holder.pid
+    with lease_lock(lock, lease=600, wait=5):  # its pid is gone: no need to wait out its lease
         assert out.read_text() == "in"
+
+
+def _foreign_lock(path, lease, renewed_ago):
+    path.write_text(json.dumps({"holder": "h", "lease": lease, "host": "elsewhere", "pid": 1}))
+    then = time.time() - renewed_ago
+    os.utime(path, (then, then))
+
+
+def test_the_holders_lease_decides_not_the_waiters(tmp_path):
+    """A holder on another login node: only its own lease (renewals stopped that long ago)
+    lets a waiter take over."""
+    from hpcfed.errors import EnvironmentProblem
+
+    lock = tmp_path / "x.lock"
+    _foreign_lock(lock, lease=1.0, renewed_ago=5)
+    with lease_lock(lock, lease=600, wait=1):  # its 1 s lease is over: broken
+        pass
+    _foreign_lock(lock, lease=600.0, renewed_ago=120)
+    with pytest.raises(EnvironmentProblem, match="held by another hpcfed"):
+        with lease_lock(lock, lease=60, wait=0.3):  # 120 s > the waiter's 60 s: still alive
+            pass
 
 
 def _stale_breaker(args):

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import hpcfed, run
+from helpers import hpcfed, run, user_xdg
 
 pytestmark = pytest.mark.slurm
 
@@ -236,7 +236,12 @@ def test_unreachable_scheduler_is_unknown_never_gone(slurm_cluster):
     )
     assert proc.returncode == 4, proc.stderr
     assert "Unable to contact slurm controller" in proc.stderr
-    assert as_user(slurm_cluster, "status", name).returncode == 8  # nothing recorded
+    # The intent recorded before sbatch stays: whether a job exists is unknown until the
+    # scheduler answers (the next command that reaches it settles it).
+    proc = as_user(slurm_cluster, "status", name, "--json", env=env)
+    assert proc.returncode == 4, proc.stderr
+    dep = json.loads(proc.stdout)["deployments"][0]
+    assert dep["state"] == "UNKNOWN" and "interrupted" in dep["reason"] and dep["jobs"] == []
 
     # A real job, then the controller "goes away" for the record's scheduler settings.
     proc = as_user(
@@ -253,7 +258,8 @@ def test_unreachable_scheduler_is_unknown_never_gone(slurm_cluster):
         "sleep 120",
     )
     assert proc.returncode == 0, proc.stderr
-    state_file = f"/home/{slurm_cluster.user}/.local/state/hpcfed/deployments/{name}.json"
+    state_dir = user_xdg(slurm_cluster.user)["XDG_STATE_HOME"]
+    state_file = os.path.join(state_dir, "hpcfed", "deployments", f"{name}.json")
     record = json.load(open(state_file))
     record["plan"]["scheduler"]["env"]["SLURM_CONF"] = str(dead / "slurm.conf")
     with open(state_file, "w") as f:

@@ -16,7 +16,7 @@ from hpcfed.cli._common import (
     progress,
     table,
 )
-from hpcfed.errors import SchedulerUnavailable
+from hpcfed.errors import NotFound, SchedulerUnavailable
 
 
 @click.command()
@@ -150,7 +150,13 @@ def status(names, as_json):
         deps = [store.require(n) for n in names]
     else:
         deps = store.all()
+    # Adopt the jobs of submits that died between sbatch and their record.
+    deps, unanswered = deploy.settle_all_pending(store, deps)
+    if names and len(deps) < len(names):
+        gone = sorted(set(names) - {d.name for d in deps})
+        raise NotFound(f"no deployment named {gone[0]!r} (its submit was interrupted; no job)")
     rows, errors, calls = deploy.status_rows(deps, history=bool(names))
+    errors.update({f"pending {i}": e for i, e in enumerate(unanswered)})
 
     def human(data):
         rows = data["deployments"]

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import asdict, dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
 from hpcfed.scheduler import GONE, UNKNOWN, JobInfo
 from hpcfed.state import Deployment, DeploymentStore
 from hpcfed.state.store import epoch
 
+if TYPE_CHECKING:
+    from hpcfed.plan import Plan
+    from hpcfed.runner import Runner
+
 # Gone in a way Slurm will not bring back by itself: rejoin resubmits.
 LOST_STATES = {"PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", GONE}
-# The role ended by itself (or crashed): resubmitting would loop; the user decides.
-ENDED_STATES = {"COMPLETED", "FAILED", "OUT_OF_MEMORY"}
 
 
 @dataclass
@@ -35,7 +37,7 @@ class Outcome:
     job_id: Optional[str] = None
     new_job_id: Optional[str] = None
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
@@ -47,6 +49,8 @@ def recent_resubmits(dep: Deployment, window: int, now: float) -> List[float]:
 
 def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, str]:
     """(action, why) for one deployment given the scheduler's answer about its latest job. Pure."""
+    if dep.pending:
+        return "unknown", "a submit was interrupted and its job is not known yet; nothing decided"
     if dep.stopped:
         return "stopped", "stopped on purpose (hpcfed cancel); left alone"
     if not dep.job_id or info is None:
@@ -84,7 +88,11 @@ def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, s
 
 
 def _resubmit(
-    store: DeploymentStore, name: str, now: Callable[[], float], dry_run: bool, progress
+    store: DeploymentStore,
+    name: str,
+    now: Callable[[], float],
+    dry_run: bool,
+    progress: Callable[[str], None],
 ) -> Outcome:
     """Under the deployment's lock: re-read, re-ask, adopt or submit, record."""
     from hpcfed import deploy
@@ -101,14 +109,22 @@ def _resubmit(
         plan = Plan.model_validate(dep.plan)
         runner, scheduler = deploy.connect(plan.scheduler)
         try:
-            info = scheduler.query([dep.job_id])[dep.job_id]
+            if dep.pending:  # an hpcfed died around its sbatch since our first look
+                settled = deploy.settle_pending(store, dep, scheduler)
+                if settled is None or not settled.job_id:
+                    return Outcome(name, "ended", "its only submit was interrupted; no job")
+                dep = settled
+            job_id = dep.job_id
+            if job_id is None:
+                return Outcome(name, "ended", "no job recorded")
+            info = scheduler.query([job_id])[job_id]
             action, why = decide(dep, info, now())
             if action != "resubmit":
                 return Outcome(name, action, why, dep.job_id)
             if info.state == GONE:
                 # No record (accounting off, job purged): the job's own exit report tells a
                 # role that finished by itself from one that was lost.
-                report = _exit_report(runner, plan, dep.job_id)
+                report = _exit_report(runner, plan, job_id)
                 if report and report.get("reason") == "role exited":
                     return Outcome(
                         name,
@@ -120,7 +136,7 @@ def _resubmit(
                         dep.job_id,
                     )
             newer = scheduler.find(plan.job_name, plan.comment)
-            if newer and int(newer) > int(dep.job_id):
+            if newer and int(newer) > int(job_id):
                 ninfo = scheduler.query([newer])[newer]
                 if ninfo.active:
                     deploy.record_job(dep, newer, by="adopted")
@@ -131,11 +147,12 @@ def _resubmit(
                     return Outcome(name, "adopted", f"job {newer} {ninfo.state}", dep.job_id, newer)
             if dry_run:
                 return Outcome(name, "would-resubmit", why, dep.job_id)
-            job_id = deploy.submit_locked(plan, render(plan), runner, scheduler, progress)
+            old = dep.job_id
+            job_id = deploy.submit_recorded(
+                store, dep, plan, render(plan), runner, scheduler, "rejoin", dep.to_dict(), progress
+            )
         finally:
             runner.close()
-        old = dep.job_id
-        deploy.record_job(dep, job_id, by="rejoin")
         dep.add_event("resubmitted", f"job {job_id} by hpcfed rejoin: {why}")
         store.put(dep)
         return Outcome(name, "resubmitted", why, old, job_id)
@@ -147,22 +164,23 @@ def _resubmit(
         lock.__exit__(None, None, None)
 
 
-def _exit_report(runner, plan, job_id: str) -> Optional[dict]:
+def _exit_report(runner: Runner, plan: Plan, job_id: str) -> Optional[Dict[str, Any]]:
     """The supervisor's status-JOBID.json from the deployment directory, if there is one."""
     import json
 
     try:
-        return json.loads(runner.read_file(f"{plan.workdir}/status-{job_id}.json"))
+        report = json.loads(runner.read_file(f"{plan.workdir}/status-{job_id}.json"))
     except (OSError, ValueError, HpcfedError):
         return None
+    return report if isinstance(report, dict) else None
 
 
 def reconcile(
     store: Optional[DeploymentStore] = None,
     *,
     dry_run: bool = False,
-    now: Callable[[], float] = None,
-    progress=lambda m: None,
+    now: Optional[Callable[[], float]] = None,
+    progress: Callable[[str], None] = lambda m: None,
 ) -> List[Outcome]:
     """One rejoin pass over every deployment of the user."""
     import time
@@ -170,14 +188,14 @@ def reconcile(
     from hpcfed import deploy
 
     store = store or DeploymentStore()
-    now = now or time.time
-    deps = store.all()
+    clock = now or time.time
+    deps, _unanswered = deploy.settle_all_pending(store, store.all())
     infos, _errors, _calls = deploy.poll([d for d in deps if not d.stopped])
     outcomes = []
     for dep in deps:
-        action, why = decide(dep, infos.get(dep.name), now())
+        action, why = decide(dep, infos.get(dep.name), clock())
         if action == "resubmit":
-            outcomes.append(_resubmit(store, dep.name, now, dry_run, progress))
+            outcomes.append(_resubmit(store, dep.name, clock, dry_run, progress))
         else:
             outcomes.append(Outcome(dep.name, action, why, dep.job_id))
     return outcomes

@@ -39,7 +39,15 @@ def lease_lock(
     Yields the holder token written in the lock file.
     """
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-    content = json.dumps({"holder": token, "since": time.time(), "lease": lease})
+    content = json.dumps(
+        {
+            "holder": token,
+            "since": time.time(),
+            "lease": lease,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+        }
+    )
     deadline = time.monotonic() + wait
     while not _create(path, content):
         held = _holder(path, default_lease=lease)
@@ -100,7 +108,9 @@ def _owner(path: Path) -> Optional[str]:
 def _holder(path: Path, default_lease: float) -> Optional[tuple[float, float]]:
     """(seconds since the holder last renewed, the holder's lease), None when there is no lock.
 
-    A lock written without a lease (an older hpcfed) gets the waiter's lease."""
+    A lock written without a lease (an older hpcfed) gets the waiter's lease; one whose holder
+    is provably dead (a process of this machine that no longer exists: killed, crashed) has
+    none left."""
     try:
         age = time.time() - path.stat().st_mtime
     except FileNotFoundError:
@@ -114,7 +124,23 @@ def _holder(path: Path, default_lease: float) -> Optional[tuple[float, float]]:
     lease = data.get("lease") if isinstance(data, dict) else None
     if not isinstance(lease, (int, float)) or isinstance(lease, bool):
         lease = default_lease
+    if isinstance(data, dict) and _dead_here(data.get("host"), data.get("pid")):
+        lease = -1.0
     return age, float(lease)
+
+
+def _dead_here(host: object, pid: object) -> bool:
+    """True when `pid` on `host` is this machine's and no process has it any more. Anything
+    unsure (another machine, a process of another user, a reused pid) counts as alive."""
+    if host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # EPERM: it exists
+    return False
 
 
 def _renew(path: Path, token: str, every: float, stop: threading.Event) -> None:

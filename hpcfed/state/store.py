@@ -74,6 +74,10 @@ class Deployment:
     events: List[Dict[str, Any]] = field(default_factory=list)  # {time, event, detail}
     stopped: bool = False  # the user cancelled it on purpose: rejoin leaves it alone
     created_at: str = field(default_factory=now)
+    # An sbatch under way ({since, by, job_name, comment}), written before it runs: a record that
+    # still has it after the command is gone means hpcfed died around sbatch; the next command
+    # looks for a job carrying the marker (hpcfed.deploy.settle_pending).
+    pending: Optional[Dict[str, Any]] = None
 
     @property
     def job_id(self) -> Optional[str]:
@@ -95,6 +99,7 @@ class Deployment:
             "events": self.events,
             "stopped": self.stopped,
             "created_at": self.created_at,
+            "pending": self.pending,
         }
 
     @classmethod
@@ -113,6 +118,7 @@ class Deployment:
                     "events",
                     "stopped",
                     "created_at",
+                    "pending",
                 )
                 if k in d
             }
@@ -145,6 +151,8 @@ def parse_record(path: Path, raw: bytes) -> Deployment:
             )
     if data["name"] != path.name[: -len(".json")]:
         raise BadRecord(f"{path}: holds deployment {data['name']!r}, not the one its name says")
+    if not isinstance(data.get("pending"), (dict, type(None))):
+        raise BadRecord(f"{path}: not a deployment record ('pending' is not a mapping)")
     if not all(isinstance(j, dict) and isinstance(j.get("job_id"), str) for j in data["jobs"]):
         raise BadRecord(f"{path}: not a deployment record (a job without a job_id)")
     return Deployment.from_dict(data)
@@ -214,6 +222,10 @@ class DeploymentStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+    def remove(self, name: str) -> None:
+        """Forget a deployment (one whose only submission never happened)."""
+        self._file(name).unlink(missing_ok=True)
 
     def lock(self, name: str, lease: float = LEASE, wait: float = 60.0) -> ContextManager[str]:
         """Lock one deployment for a read-modify-write across processes and login nodes."""
