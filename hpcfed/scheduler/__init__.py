@@ -7,7 +7,11 @@ could not get is SchedulerUnavailable - the caller then says *unknown*, never *g
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Dict, Iterable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Dict, Iterable, Optional, Protocol
+
+if TYPE_CHECKING:
+    from hpcfed.plan import SchedulerTarget
+    from hpcfed.runner import Runner
 
 # Slurm states grouped by what they mean for a deployment.
 ACTIVE_STATES = {
@@ -45,7 +49,7 @@ class JobInfo:
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
 
@@ -61,7 +65,7 @@ class Scheduler(Protocol):
     def calls(self) -> int: ...
 
 
-def make_scheduler(target, runner) -> Scheduler:
+def make_scheduler(target: SchedulerTarget, runner: Runner) -> Scheduler:
     """The backend a plan's SchedulerTarget asks for, running through `runner`."""
     if target.backend == "pyslurm":
         from hpcfed.scheduler.pyslurm_backend import PyslurmScheduler

@@ -7,17 +7,21 @@ local slurmctld only (pyslurm is a C binding), so it cannot run over SSH.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional
+from typing import TYPE_CHECKING, Dict, Iterable, Optional
 
 from hpcfed.errors import EnvironmentProblem, SchedulerUnavailable
 from hpcfed.scheduler import GONE, JobInfo
 from hpcfed.scheduler.slurm_cli import SlurmCli
 
+if TYPE_CHECKING:
+    from hpcfed.plan import SchedulerTarget
+    from hpcfed.runner import Runner
+
 
 class PyslurmScheduler(SlurmCli):
     """Queries through pyslurm; submit/cancel stay on the CLI (same flags as the default)."""
 
-    def __init__(self, target, runner):
+    def __init__(self, target: SchedulerTarget, runner: Runner) -> None:
         if target.connect != "local":
             raise EnvironmentProblem("scheduler.backend pyslurm works only with connect: local")
         try:

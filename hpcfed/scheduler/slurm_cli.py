@@ -8,9 +8,10 @@ call for those squeue no longer knows.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 from hpcfed.errors import EnvironmentProblem, SchedulerUnavailable, SubmitRejected
+from hpcfed.runner import Result, Runner
 from hpcfed.scheduler import GONE, JobInfo
 
 SEP = "|"
@@ -139,13 +140,15 @@ def parse_find(stdout: str, comment: str) -> Optional[str]:
     return str(max(found)) if found else None
 
 
-def _error_text(res) -> str:
+def _error_text(res: Result) -> str:
     text = (res.stderr or res.stdout).strip()
     return text.splitlines()[-1] if text else f"exit code {res.returncode}"
 
 
 class SlurmCli:
-    def __init__(self, runner, env: Optional[Mapping[str, str]] = None, timeout: float = 30):
+    def __init__(
+        self, runner: Runner, env: Optional[Mapping[str, str]] = None, timeout: float = 30
+    ) -> None:
         self.runner = runner
         self.env = dict(env or {})
         self.timeout = timeout
@@ -155,7 +158,7 @@ class SlurmCli:
     def calls(self) -> int:
         return self._calls
 
-    def _run(self, argv, input=None):
+    def _run(self, argv: Sequence[str], input: Optional[str] = None) -> Result:
         self._calls += 1
         res = self.runner.run(argv, env=self.env, input=input, timeout=self.timeout)
         if res.returncode != 0 and UNREACHABLE.search(res.stderr + res.stdout):
@@ -228,9 +231,10 @@ class SlurmCli:
             raise SchedulerUnavailable(
                 f"slurmctld on {self.runner.where} is not answering: {_error_text(res)}"
             )
-        return res.stdout.strip().splitlines()[0]
+        first: str = res.stdout.strip().splitlines()[0]
+        return first
 
-    def check(self, argv) -> object:
+    def check(self, argv: Sequence[str]) -> Result:
         """Run any read-only scheduler command (doctor)."""
         return self._run(argv)
 
