@@ -162,7 +162,9 @@ def settle_all_pending(
                 with store.lock(dep.name, wait=0):
                     settled = store.get(dep.name)
                     if settled is not None and settled.pending:
-                        runner, scheduler = connect(Plan.model_validate(settled.plan).scheduler)
+                        runner, scheduler = connect(
+                            SchedulerTarget.model_validate(settled.plan.get("scheduler"))
+                        )
                         try:
                             settled = settle_pending(store, settled, scheduler)
                         finally:
@@ -170,8 +172,8 @@ def settle_all_pending(
             except SchedulerUnavailable as exc:
                 settled = dep
                 unanswered.append(str(exc))
-            except HpcfedError:
-                settled = dep  # busy: its own submit may still be running
+            except (HpcfedError, ValidationError):
+                settled = dep  # busy (its own submit may still be running), or unreadable
         if settled is not None:
             out.append(settled)
     return out, unanswered
