@@ -29,11 +29,15 @@ test-fresh:
 	rm -rf /tmp/hpcfed-fresh-clone && git clone -q . /tmp/hpcfed-fresh-clone
 	cd /tmp/hpcfed-fresh-clone && CI=true bash .ci/run
 
+# FRAMEWORK=flower: the Flower federation (demo/flower.py) instead of NVFlare's.
+FRAMEWORK ?= nvflare
+DEMO_ARGS := $(if $(filter flower,$(FRAMEWORK)),flower,)
+
 demo: bootstrap
-	HPCFED_VENV=$(VENV) bash scripts/demo
+	HPCFED_VENV=$(VENV) bash scripts/demo $(DEMO_ARGS)
 
 demo-down:
-	HPCFED_VENV=$(VENV) bash scripts/demo down
+	HPCFED_VENV=$(VENV) bash scripts/demo $(DEMO_ARGS) down
 
 bench:
 	HPCFED_VENV=$(VENV) $(VENV)/bin/python -m benchmarks $(BENCH)

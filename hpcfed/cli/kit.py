@@ -485,6 +485,10 @@ def _flwr_or_fail(console, args, inputs=(), stream=None):
     from hpcfed.kit import flower as fl
 
     code, out = fl.run_flwr(console, args, inputs=inputs, stream=stream)
+    answer = _json_tail(out)
+    if code == 0 and answer.get("success") is False:  # flwr's JSON errors exit 0
+        message = " ".join(str(answer.get("error-message", "")).split())
+        raise KitError(f"flwr {' '.join(args[:2])} failed: {message}")
     if code != 0:
         raise KitError(f"flwr {' '.join(args[:2])} failed (exit {code}): {_why(out)}")
     return out

@@ -40,6 +40,7 @@ class Failure:
     pattern: str
     exit_code: int
     message: str
+    retry_for: int = 0  # start the role again while the job has run less than this (seconds)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,12 @@ def _role(fw: str, spec: dict, name: str, r: dict) -> Role:
         local_ports=local,
         env=tuple(sorted((k, str(v)) for k, v in env.items())),
         failures=tuple(
-            Failure(str(f["match"]), int(f["exit_code"]), str(f["message"]))
+            Failure(
+                str(f["match"]),
+                int(f["exit_code"]),
+                str(f["message"]),
+                int(f.get("retry_for", 0)),
+            )
             for f in r.get("failures") or ()
         ),
     )

@@ -21,6 +21,9 @@ EXIT_PREFLIGHT = 10
 EXIT_TUNNEL = 9
 
 
+RETRY_PAUSE = 10  # seconds between starts of a role that failed in a way that passes
+
+
 def role_of(plan: Plan):
     return role_of_framework(plan.framework, plan.role)
 
@@ -241,6 +244,26 @@ class Supervisor:
                             f"{self.plan.framework} {self.plan.role}: {f.message} (exit code {f.exit_code})"
                         )
 
+    def retry_role(self, ws: Path) -> bool:
+        """Start the role again after a known failure that passes by itself (its `retry_for`
+        seconds since this run of the job began; e.g. a requeued SuperNode is refused until the
+        SuperLink has seen its previous run go offline). False: the role's end stands."""
+        f = self.failure
+        if f is None or not f.retry_for or self.stop_reason:
+            return False
+        if time.monotonic() - self.started + RETRY_PAUSE > f.retry_for:
+            return False
+        log(f"retrying in {RETRY_PAUSE}s (for up to {f.retry_for}s since the job started)")
+        deadline = time.monotonic() + RETRY_PAUSE
+        while time.monotonic() < deadline and not self.stop_reason:
+            time.sleep(0.2)
+        if self.stop_reason:
+            return False
+        self.role.wait()
+        self.failure = None
+        self.start_role(ws)
+        return True
+
     # (5) signals
     def on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
@@ -402,16 +425,19 @@ class Supervisor:
             except HpcfedError as exc:
                 self.report(exc.exit_code, str(exc))
                 return exc.exit_code
-            while self.role.poll() is None:
-                if self.stop_reason:
-                    self.stop_role()
+            while True:
+                while self.role.poll() is None:
+                    if self.stop_reason:
+                        self.stop_role()
+                        break
+                    if self.tunnel is not None and self.tunnel.poll() is not None:
+                        log(f"tunnel exited with code {self.tunnel.returncode}; stopping the role")
+                        self.stop_reason = "tunnel lost"
+                        self.stop_role()
+                        break
+                    time.sleep(0.2)
+                if not self.retry_role(ws):
                     break
-                if self.tunnel is not None and self.tunnel.poll() is not None:
-                    log(f"tunnel exited with code {self.tunnel.returncode}; stopping the role")
-                    self.stop_reason = "tunnel lost"
-                    self.stop_role()
-                    break
-                time.sleep(0.2)
             code = self.role.wait()
             if code < 0:  # killed by a signal: report it the shell's way
                 code = 128 - code
