@@ -199,3 +199,45 @@ def test_two_jobs_of_a_role_on_one_node_get_their_own_local_port(tmp_path):
         for job in jobs:
             job.terminate()
             job.wait(timeout=30)
+
+
+def test_a_known_failure_is_named_in_one_line_and_a_passing_one_retried(tmp_path):
+    """A stand-in `flower-supernode` (the real one runs in the e2e test, in its image): refused
+    once with Flower's exit code 305 as after a requeue, then accepted."""
+    import os
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "flower-supernode"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"if [ -e {tmp_path}/refused ]; then echo accepted; exit 0; fi\n"
+        f"touch {tmp_path}/refused\n"
+        "echo 'ERROR : Exit Code: 305'; echo 'Failed to activate SuperNode.'; exit 1\n"
+    )
+    fake.chmod(0o755)
+    plan = build_plan(
+        site=load_site("local"),
+        role=frameworks.role("flower", "supernode"),
+        name="refused",
+        deployment_id="d",
+        user="u",
+        gpus=0,
+        kit=str(tmp_path),
+        server_address=("fl-server", 9093),
+    )
+    (tmp_path / "plan.json").write_text(plan.to_json())
+    proc = subprocess.run(
+        HPCFED + ["job", "run", str(tmp_path / "plan.json")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"),
+    )
+    out = proc.stdout + proc.stderr
+    assert (
+        "flower supernode: the SuperLink refused to activate this SuperNode: its public key is "
+        "not registered (the operator runs `hpcfed kit flower register`) (exit code 305)"
+    ) in out
+    assert "retrying in 10s" in out and "accepted" in out
+    assert proc.returncode == 0 and "role ended: exit code 0" in out
