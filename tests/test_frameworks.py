@@ -231,7 +231,7 @@ def test_a_known_failure_is_named_in_one_line_and_a_passing_one_retried(tmp_path
         HPCFED + ["job", "run", str(tmp_path / "plan.json")],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         env=dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}"),
     )
     out = proc.stdout + proc.stderr
@@ -241,3 +241,20 @@ def test_a_known_failure_is_named_in_one_line_and_a_passing_one_retried(tmp_path
     ) in out
     assert "retrying in 10s" in out and "accepted" in out
     assert proc.returncode == 0 and "role ended: exit code 0" in out
+
+
+def test_flower_images_are_planned_from_the_role_table(tmp_path):
+    proc = hpcfed(
+        "image", "build", "supernode", "--version", "1.42.0", "--image-dir", str(tmp_path),
+        "--dry-run", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["framework"] == "flower" and plan["definition"].endswith("flower-supernode.def")
+    assert plan["output"] == str(tmp_path / "flower-supernode-1.42.0.sif")
+    assert "FRAMEWORK_VERSION=1.42.0" in plan["command"]
+    bad = hpcfed("image", "build", "flwr", "--framework", "flower", "--version", "1.42.0")
+    assert (
+        bad.returncode == 3
+        and "expected base or a flower role (superlink, supernode)" in bad.stderr
+    )

@@ -57,6 +57,7 @@ class Supervisor:
         self.started = time.monotonic()  # this run of the job (a requeued job starts afresh)
         self.terminating = False  # SIGTERM/SIGINT seen: Slurm is ending the job now
         self.failure = None  # a known failure of the framework seen in the role's output
+        self.watcher = None  # the thread reading the role's output for those
 
     def event(self, kind: str, detail: str = "") -> None:
         """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
@@ -224,7 +225,8 @@ class Supervisor:
         if failures:
             import threading
 
-            threading.Thread(target=self.watch_output, args=(failures,), daemon=True).start()
+            self.watcher = threading.Thread(target=self.watch_output, args=(failures,), daemon=True)
+            self.watcher.start()
 
     def watch_output(self, failures) -> None:
         """Copy the role's output to the job log and recognise the framework's known failures
@@ -248,6 +250,7 @@ class Supervisor:
         """Start the role again after a known failure that passes by itself (its `retry_for`
         seconds since this run of the job began; e.g. a requeued SuperNode is refused until the
         SuperLink has seen its previous run go offline). False: the role's end stands."""
+        self.output_read()
         f = self.failure
         if f is None or not f.retry_for or self.stop_reason:
             return False
@@ -263,6 +266,12 @@ class Supervisor:
         self.failure = None
         self.start_role(ws)
         return True
+
+    def output_read(self, timeout: float = 5) -> None:
+        """Let the watcher read the exited role's last lines before its failure is judged (a
+        lingering grandchild may hold the pipe open: then not longer than `timeout`)."""
+        if self.watcher is not None:
+            self.watcher.join(timeout)
 
     # (5) signals
     def on_signal(self, signum, _frame) -> None:
@@ -441,6 +450,7 @@ class Supervisor:
             code = self.role.wait()
             if code < 0:  # killed by a signal: report it the shell's way
                 code = 128 - code
+            self.output_read()
             if self.failure is not None and not self.stop_reason:
                 code = self.failure.exit_code
                 self.report(code, self.failure.message)
