@@ -14,15 +14,15 @@ import os
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
-
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding
-from cryptography.x509.oid import NameOID
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from hpcfed.errors import KitError
+
+# cryptography is imported by the functions that check certificates and signatures: `hpcfed
+# submit` reads only the kit's server address and GPU capacity (JSON), and cryptography's
+# import costs it ~50 ms of CPU.
+if TYPE_CHECKING:
+    from cryptography import x509
 
 EXPIRY_WARNING = dt.timedelta(days=30)
 SIGNATURE_FILE = "signature.json"  # NVFlare <= 2.7 signs every kit file with the root-CA key
@@ -79,15 +79,21 @@ class KitReport:
 
 
 def fingerprint(cert: x509.Certificate) -> str:
+    from cryptography.hazmat.primitives import hashes
+
     return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
 
 
 def _cn(name: x509.Name) -> Optional[str]:
+    from cryptography.x509.oid import NameOID
+
     attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else None
 
 
 def _org(name: x509.Name) -> Optional[str]:
+    from cryptography.x509.oid import NameOID
+
     attrs = name.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
     return str(attrs[0].value) if attrs else None
 
@@ -178,6 +184,10 @@ def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> L
     """Every folder holding signature.json: each file in it is listed and verifies (RSA-PSS).
 
     Returns the folders that hold one."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
     public_key = root.public_key()
     found: List[str] = []
     for folder, _dirs, files in os.walk(kit):
@@ -233,6 +243,10 @@ def verify_kit(
 
     signed_folders: folders that must carry signature.json (besides those the kit's own
     metadata recorded at install)."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import serialization
+
     kit = Path(path)
     report = KitReport(path=str(kit))
     now = now or dt.datetime.now(dt.timezone.utc)
