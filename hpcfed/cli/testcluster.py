@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 import signal
 import threading
-from pathlib import Path
 
 import click
 
 from hpcfed.cli._common import emit, emit_json, json_option, progress, table
-from hpcfed.paths import PACKAGE_DIR
 
 prefix_option = click.option(
     "--prefix",
@@ -18,6 +15,32 @@ prefix_option = click.option(
     default=None,
     help="Where the cluster's config, state and logs live (default /var/lib/hpcfed/testcluster).",
 )
+
+
+engine_option = click.option(
+    "--engine",
+    type=click.Choice(["native", "docker"]),
+    envvar="HPCFED_TESTCLUSTER_ENGINE",
+    default="native",
+    show_default=True,
+    help="native: daemons on this machine; docker: one container per host (see README).",
+)
+slurm_option = click.option(
+    "--slurm",
+    "slurm_release",
+    type=click.Choice(["22.05", "24.11"]),
+    envvar="HPCFED_TESTCLUSTER_SLURM",
+    default="22.05",
+    show_default=True,
+    help="Docker engine: the Slurm release (Debian 12: 22.05, Debian 13 trixie: 24.11).",
+)
+
+
+def _docker(slurm_release):
+    from hpcfed.testcluster.docker_cluster import DockerCluster
+    from hpcfed.testcluster.docker_spec import DockerClusterSpec
+
+    return DockerCluster(DockerClusterSpec.from_env(slurm_release), progress=progress)
 
 
 def _cluster(prefix):
@@ -46,19 +69,28 @@ def testcluster():
 
 @testcluster.command()
 @prefix_option
+@engine_option
+@slurm_option
 @json_option
 @click.option(
     "--foreground",
     is_flag=True,
     help="Stay in the foreground after start; stop the cluster on SIGTERM/SIGINT (containers).",
 )
-def up(prefix, as_json, foreground):
+def up(prefix, engine, slurm_release, as_json, foreground):
     """Start the cluster (installs missing Debian packages; needs root). Idempotent.
+
+    With --engine docker: builds (or reuses) the images, writes the compose recipe and runs it:
+    slurmctld, node1-3, login1-2 (shared /home) and the hub, one container each.
 
     \b
     Example:
       sudo hpcfed testcluster up && eval "$(hpcfed testcluster env)" && sinfo
+      sudo hpcfed testcluster up --engine docker --slurm 24.11
     """
+    if engine == "docker":
+        _docker_up(slurm_release, as_json)
+        return
     cluster = _cluster(prefix)
     result = cluster.up()
     spec = cluster.spec
@@ -98,14 +130,32 @@ def up(prefix, as_json, foreground):
 
 @testcluster.command()
 @prefix_option
+@engine_option
+@slurm_option
 @json_option
-def down(prefix, as_json):
+def down(prefix, engine, slurm_release, as_json):
     """Stop the daemons `up` started (by recorded PID). Safe to run twice.
+
+    With --engine docker: removes the cluster's containers, networks and volumes (found by its
+    label), nothing else; the images stay for the next `up`.
 
     \b
     Example:
       sudo hpcfed testcluster down
+      sudo hpcfed testcluster down --engine docker --slurm 24.11
     """
+    if engine == "docker":
+        removed = _docker(slurm_release).down()
+        emit(
+            removed,
+            as_json,
+            lambda d: click.echo(
+                "removed "
+                + ", ".join(f"{len(v)} {k}" for k, v in d.items())
+                + (" (nothing was there)" if not any(d.values()) else "")
+            ),
+        )
+        return
     stopped = _cluster(prefix).down()
     emit(
         {"stopped": stopped},
@@ -120,14 +170,20 @@ def down(prefix, as_json):
 
 @testcluster.command()
 @prefix_option
+@engine_option
+@slurm_option
 @json_option
-def status(prefix, as_json):
-    """Show daemons, nodes, partitions, GPUs and running jobs.
+def status(prefix, engine, slurm_release, as_json):
+    """Show daemons, nodes, partitions, GPUs and running jobs (docker: hosts and networks).
 
     \b
     Example:
       hpcfed testcluster status --json
+      hpcfed testcluster status --engine docker --slurm 24.11
     """
+    if engine == "docker":
+        _docker_status(slurm_release, as_json)
+        return
     info = _cluster(prefix).status()
 
     def human(d):
@@ -223,26 +279,73 @@ def env(prefix, as_json):
     show_default=True,
     help="Directory to write the compose recipe into.",
 )
-def compose(output):
-    """Write a docker-compose recipe of the same cluster, for laptops with Docker.
+@slurm_option
+@click.option("--build", is_flag=True, help="Also build (or reuse) the image the recipe names.")
+def compose(output, slurm_release, build):
+    """Write the Docker test cluster's recipe: docker-compose.yml, slurm.conf and the host script.
 
-    Not exercised by hpcfed's CI (no Docker engine there).
+    The same file `up --engine docker` runs. The image it names is built locally (no registry):
+    by `--build` here, or by `up --engine docker`.
 
     \b
     Example:
-      hpcfed testcluster compose -o slurm-lab && cd slurm-lab && docker compose up -d --build
+      hpcfed testcluster compose -o slurm-lab --build && cd slurm-lab && docker-compose up -d
     """
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
-    src = PACKAGE_DIR / "testcluster" / "compose"
-    for name in ("Dockerfile", "docker-compose.yml"):
-        shutil.copy(src / name, out / name)
-    # The container runs this very package (pure-Python part) in the foreground.
-    shutil.copytree(
-        PACKAGE_DIR,
-        out / "hpcfed",
-        dirs_exist_ok=True,
-        ignore=shutil.ignore_patterns("__pycache__", "*.so"),
-    )
-    click.echo(f"wrote {out}/Dockerfile, {out}/docker-compose.yml and {out}/hpcfed/")
-    click.echo(f"start it with: cd {out} && docker compose up -d --build")
+    cluster = _docker(slurm_release)
+    if build:
+        cluster.images.ensure()
+    out, files = cluster.write_recipe(output)
+    click.echo(f"wrote {', '.join(files)} in {out}")
+    click.echo(f"image: {cluster.images.tag()}")
+    click.echo(f"start it with: cd {out} && docker-compose -p {cluster.spec.project} up -d")
+
+
+def _docker_up(slurm_release, as_json):
+    data = _docker(slurm_release).up()
+
+    def human(d):
+        click.echo(
+            f"docker test cluster (Slurm {d['slurm']}) up in {d['seconds']} s "
+            f"(images {d['image_seconds']} s, containers {d['start_seconds']} s)"
+        )
+        click.echo(f"  recipe: {d['compose_file']}")
+        click.echo(f"  try: docker exec -it {d['hosts']['login1']} runuser -u hpcuser -- sinfo")
+
+    emit(data, as_json, human)
+
+
+def _docker_status(slurm_release, as_json):
+    info = _docker(slurm_release).status()
+
+    def human(d):
+        click.echo(
+            f"docker test cluster {d['project']} (Slurm {d['slurm']}, Debian {d['suite']}): "
+            f"{'UP' if d['up'] else 'DOWN'}"
+        )
+        click.echo(
+            table(
+                [
+                    (
+                        h["host"],
+                        h["container"],
+                        h["state"],
+                        " ".join(h["addresses"]),
+                        d["nodes"].get(h["host"], ""),
+                    )
+                    for h in d["hosts"]
+                ],
+                ["HOST", "CONTAINER", "STATE", "ADDRESSES", "SLURM"],
+            )
+        )
+        click.echo()
+        click.echo(
+            table([(n["name"], n["subnet"]) for n in d["networks"]], ["NETWORK", "SUBNET"])
+            if d["networks"]
+            else "no networks"
+        )
+        if d["volumes"]:
+            click.echo(f"volumes: {', '.join(d['volumes'])}")
+
+    emit(info, as_json, human)
+    if not info["up"]:
+        raise SystemExit(1)
