@@ -22,7 +22,8 @@ from helpers import hpcfed, need
 from hpcfed.testcluster.docker_cluster import DockerCluster
 from hpcfed.testcluster.docker_spec import DockerClusterSpec
 
-RELEASES = ["22.05", "24.11"]
+# 24.11 (trixie): slurmdbd 24.11.5 fails against trixie's MariaDB 11.8 (see README, Known limits).
+RELEASES = ["22.05"]
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -191,7 +191,7 @@ class DockerCluster:
         docker_ok()
         if os.path.exists(self.compose_file):
             self.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=300)
-        removed = {"containers": [], "networks": [], "volumes": []}
+        removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
         selector = f"label={LABEL}={self.spec.project}"
         for kind, ls, rm in (
             ("containers", ["docker", "ps", "-aq"], ["docker", "rm", "-f", "-v"]),
