@@ -22,8 +22,7 @@ from helpers import hpcfed, need
 from hpcfed.testcluster.docker_cluster import DockerCluster
 from hpcfed.testcluster.docker_spec import DockerClusterSpec
 
-# 24.11 (trixie): slurmdbd 24.11.5 fails against trixie's MariaDB 11.8 (see README, Known limits).
-RELEASES = ["22.05"]
+RELEASES = ["22.05", "24.11"]
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -62,7 +61,7 @@ class DockerLab:
         return self.cluster.exec(host, ["hpcfed", *args], user=self.user, env=env, timeout=timeout)
 
 
-def _up(release: str) -> DockerLab:
+def _up(release: str, say) -> DockerLab:
     need(os.geteuid() == 0, "the Docker test cluster needs root (docker, debootstrap)")
     need(shutil.which("docker") is not None, "Docker Engine is not installed")
     need(
@@ -79,9 +78,9 @@ def _up(release: str) -> DockerLab:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout)
-    # Visible with -s / in the CI log: how long images and containers took.
-    print(
-        f"\ndocker test cluster {release}: up in {time.monotonic() - t0:.0f} s "
+    # In the CI log (not captured): how long the images and the containers took.
+    say(
+        f"docker test cluster {release}: up in {time.monotonic() - t0:.0f} s "
         f"(images {info['image_seconds']} s {info['image_timings']}, "
         f"containers {info['start_seconds']} s)"
     )
@@ -98,7 +97,8 @@ def _down(release: str) -> None:
 )
 def docker_lab_fixture(request):
     """The Docker test cluster of each Slurm release in turn (pytest groups tests by release)."""
-    lab = _up(request.param)
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    lab = _up(request.param, lambda line: reporter and reporter.write_line("\n" + line))
     yield lab
     _down(request.param)
 

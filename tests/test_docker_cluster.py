@@ -271,7 +271,7 @@ def test_cron_install_uses_scrontab_where_slurm_ships_it(docker_lab):
         return
     assert installed["kind"] == "scrontab"
     table = lab.sh("login1", "scrontab -l", user=lab.user).stdout
-    assert "#SCRON --job-name=hpcfed-rejoin" in table and "*/1 * * * *" in table, table
+    assert "#SCRON --job-name=hpcfed-rejoin" in table and "\n* * * * * " in table, table
     # Slurm holds it as a cron job of the user ...
     queued = lab.sh("login2", "squeue -h --me -n hpcfed-rejoin -o '%i %T'", user=lab.user)
     assert queued.stdout.strip(), queued

@@ -101,7 +101,7 @@ def test_cron_block_is_replaced_not_duplicated():
     assert text.count(c.MARK) == 1 and "*/15 * * * *" in text and "*/10" not in text
     assert text.startswith("5 * * * * echo mine") and "#SCRON --job-name=hpcfed-rejoin" in text
     assert c.strip(text) == ["5 * * * * echo mine"]
-    assert c.schedule("2h") == "0 */2 * * *" and c.schedule("60m") == "0 */1 * * *"
+    assert c.schedule("2h") == "0 */2 * * *" and c.schedule("60m") == "0 * * * *"
 
 
 # ---- against the real cluster ----

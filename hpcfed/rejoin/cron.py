@@ -26,13 +26,18 @@ def schedule(every: str) -> str:
     if not m:
         raise ConfigError(f"--every {every}: use minutes or hours, e.g. 10m or 1h")
     n, unit = int(m.group(1)), m.group(2)
+    # Every 1 is `*`, not `*/1`: Slurm's scrontab rejects a step of 1 ("bad step value").
     if unit == "m" and 1 <= n <= 59:
-        return f"*/{n} * * * *"
+        return f"{_every(n)} * * * *"
     if unit == "m" and n % 60 == 0:
         n, unit = n // 60, "h"
     if unit == "h" and 1 <= n <= 23:
-        return f"0 */{n} * * *"
+        return f"0 {_every(n)} * * *"
     raise ConfigError(f"--every {every}: between 1m and 23h (minutes below 60, or whole hours)")
+
+
+def _every(n: int) -> str:
+    return "*" if n == 1 else f"*/{n}"
 
 
 def hpcfed_argv() -> List[str]:

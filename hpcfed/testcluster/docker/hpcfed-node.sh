@@ -66,14 +66,17 @@ controller() {
             --auth-root-authentication-method=socket --skip-test-db >/dev/null
     fi
     install -d -o mysql -g mysql /run/mysqld
+    # --skip-ssl: MariaDB 11.8 (trixie) turns TLS on by itself, and slurmdbd 24.11's queries
+    # over that TLS connection fail (`_check_mysql_concat_is_sane: null result`, client error
+    # 5027). The database listens on 127.0.0.1 only.
     mariadbd --user=mysql --datadir=/var/lib/mysql --socket=/run/mysqld/mysqld.sock \
-        --bind-address=127.0.0.1 --port=3306 --skip-name-resolve \
+        --bind-address=127.0.0.1 --port=3306 --skip-name-resolve --skip-ssl \
         --innodb-buffer-pool-size=32M --log-error=/var/log/slurm/mariadb.err &
-    wait_for 60 MariaDB mariadb-admin --socket=/run/mysqld/mysqld.sock ping
+    wait_for 60 MariaDB mariadb-admin --skip-ssl --socket=/run/mysqld/mysqld.sock ping
     local pass
     pass=$(sed -n 's/^StoragePass=//p' "$(dirname "$SLURM_CONF")/slurmdbd.conf")
     # The password goes through stdin, never argv.
-    mariadb --socket=/run/mysqld/mysqld.sock -u root <<SQL
+    mariadb --skip-ssl --socket=/run/mysqld/mysqld.sock -u root <<SQL
 CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED BY '$pass';
 CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1' IDENTIFIED BY '$pass';
 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';
