@@ -20,13 +20,25 @@ from __future__ import annotations
 
 import time as _time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, List, Literal, Optional, Sequence, Union, overload
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Dict,
+    Iterator,
+    List,
+    Literal,
+    Optional,
+    Sequence,
+    Union,
+    overload,
+)
 
 from hpcfed.errors import SchedulerUnavailable
 
 if TYPE_CHECKING:
     from hpcfed.plan import Plan
     from hpcfed.profiles.loader import LoadedSite
+    from hpcfed.profiles.schema import SiteProfile
     from hpcfed.rejoin import Outcome
     from hpcfed.state import Deployment as Record
     from hpcfed.state import DeploymentStore
@@ -49,7 +61,7 @@ class Status:
     reason: str = ""
     node: str = ""
     stopped: bool = False
-    events: List[dict] = field(default_factory=list)
+    events: List[Dict[str, Any]] = field(default_factory=list)
 
     @property
     def active(self) -> bool:
@@ -59,7 +71,7 @@ class Status:
         return self.job_state in ACTIVE_STATES
 
     @classmethod
-    def from_row(cls, row: dict) -> Status:
+    def from_row(cls, row: Dict[str, Any]) -> Status:
         return cls(
             name=row["name"],
             state=row["state"],
@@ -250,7 +262,7 @@ class Site:
         return self._loaded.name
 
     @property
-    def profile(self):
+    def profile(self) -> SiteProfile:
         """The merged profile (hpcfed.profiles.schema.SiteProfile)."""
         return self._loaded.profile
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Optional, Tuple
 
 from hpcfed.errors import ConfigError, NotFound
 
@@ -136,7 +136,9 @@ def submit(
     return deploy.submit_plan(prepared.plan, prepared.script, store, progress=progress)
 
 
-def _resolve_kit(kit, site, role: Role, command, loaded):
+def _resolve_kit(
+    kit: Optional[str], site: str, role: Role, command: Optional[str], loaded: LoadedSite
+) -> Tuple[Optional[str], Optional[Tuple[Any, Any]], Optional[int]]:
     """(kit dir, (server host, port), declared GPUs): --kit, else the kit installed for the site.
 
     The kit's server address decides what the tunnel and the container's /etc/hosts provide; its
@@ -175,7 +177,7 @@ def _resolve_kit(kit, site, role: Role, command, loaded):
         return kit, None, None
 
 
-def _abs(path, loaded):
+def _abs(path: Optional[str], loaded: LoadedSite) -> Optional[str]:
     """Local paths become absolute (the job runs elsewhere); remote ones are taken as given."""
     if path and loaded.profile.scheduler.connect == "local":
         return os.path.abspath(os.path.expanduser(path))

@@ -72,7 +72,13 @@ def test_submit_status_logs_cancel_wait(own_dirs):
     st = dep.status()
     assert st.job_id == dep.job_id and st.node.startswith("node") and st.active
 
-    log = wait_for(lambda: "API GPUS=" in dep.logs() and dep.logs(), "log line")
+    def log_so_far() -> str:
+        try:
+            return dep.logs()
+        except NotFound:  # RUNNING before the job's first line reached the file
+            return ""
+
+    log = wait_for(lambda: "API GPUS=" in log_so_far() and log_so_far(), "log line")
     line = [l for l in log.splitlines() if l.startswith("API GPUS=")][0]
     assert len(line.split("=")[1].split(",")) == 2, line  # the two GPUs Slurm assigned
 
