@@ -13,7 +13,9 @@ bootstrap:
 install:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap.d/20-python.sh
 
+# The Rust data plane's unit tests first (they link libpython from python3-dev), then the suite.
 test: bootstrap lint
+	cargo test --release --quiet
 	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # ruff (lint + format) over the whole tree; part of `make test`.

@@ -6,8 +6,9 @@ use crate::stack::{Inbound, Shared};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::{self, RecvError};
 use std::future::poll_fn;
-use std::net::SocketAddr;
+use std::collections::BTreeSet;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -30,15 +31,7 @@ pub async fn bridge(shared: Shared, mut stream: TcpStream, h: SocketHandle) {
             eprintln!("hpcfed tunnel: connection failed: {why} (tunnel socket {st})");
         }
     }
-    {
-        let mut st = shared.lock();
-        if failed {
-            st.socket(h).abort();
-            st.counters.failed += 1;
-        }
-        st.counters.active -= 1;
-        st.dead.push((h, std::time::Instant::now()));
-    }
+    shared.lock().finish(h, failed);
     shared.kick.notify_one();
     if failed {
         reset(&stream);
@@ -141,48 +134,99 @@ async fn splice(sh: &Shared, stream: &mut TcpStream, h: SocketHandle) -> Option<
     failed
 }
 
+/// Refusals are logged at most once per interval (the first one at once, then a count), so a
+/// neighbour hammering the port cannot flood the owner's job log.
+pub struct RefusalLog {
+    interval: Duration,
+    last: Option<Instant>,
+    pending: u64,
+    uids: BTreeSet<String>,
+}
+
+impl RefusalLog {
+    pub fn new(interval: Duration) -> RefusalLog {
+        RefusalLog { interval, last: None, pending: 0, uids: BTreeSet::new() }
+    }
+
+    /// Record a refusal; returns a line to log now, if any.
+    pub fn refuse(&mut self, now: Instant, who: String, what: &str) -> Option<String> {
+        if self.last.map_or(true, |t| now.duration_since(t) >= self.interval) && self.pending == 0 {
+            self.last = Some(now);
+            return Some(format!("refused connection to {what} from {who}"));
+        }
+        self.pending += 1;
+        if self.uids.len() < 8 {
+            self.uids.insert(who);
+        }
+        self.flush(now, what)
+    }
+
+    /// The count of refusals not logged yet, once the interval has passed.
+    pub fn flush(&mut self, now: Instant, what: &str) -> Option<String> {
+        if self.pending == 0 || self.last.is_some_and(|t| now.duration_since(t) < self.interval) {
+            return None;
+        }
+        let since = self.last.map(|t| now.duration_since(t).as_secs_f64()).unwrap_or(0.0);
+        let line = format!(
+            "refused {} more connections to {what} in the last {since:.0}s (from {})",
+            self.pending,
+            self.uids.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        self.pending = 0;
+        self.uids.clear();
+        self.last = Some(now);
+        Some(line)
+    }
+}
+
 /// Accept loop of one local forward: each allowed connection becomes a tunnel connection.
 pub async fn serve_local(shared: Shared, listener: TcpListener, fwd: LocalForward, allow_other: bool) {
     let me = owner::my_uid();
+    let mut lookup = owner::Lookup::new();
+    let what = format!("{}:{}", fwd.bind, fwd.port);
+    let rule = format!("only uid {me} may use this forward");
+    let mut refusals = RefusalLog::new(Duration::from_secs(10));
+    let mut flush = tokio::time::interval(Duration::from_secs(10));
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = flush.tick() => {
+                if let Some(line) = refusals.flush(Instant::now(), &what) {
+                    eprintln!("hpcfed tunnel: {line}; {rule}");
+                }
+                continue;
+            }
+        };
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // e.g. out of file descriptors: back off instead of spinning
-                eprintln!("hpcfed tunnel: accept on {}:{} failed: {e}", fwd.bind, fwd.port);
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                eprintln!("hpcfed tunnel: accept on {what} failed: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
         };
         if !allow_other {
-            let local: SocketAddr = match stream.local_addr() {
-                Ok(a) => a,
-                Err(_) => continue,
+            let uid = match stream.local_addr() {
+                Ok(local) => lookup.peer_uid(peer, local),
+                Err(_) => None,
             };
-            let uid = owner::peer_uid(peer, local);
             if uid != Some(me) {
                 shared.lock().counters.refused += 1;
-                let who = uid.map(|u| format!("uid {u}")).unwrap_or_else(|| "an unknown owner".into());
-                eprintln!(
-                    "hpcfed tunnel: refused connection to {}:{} from {peer} ({who}; only uid {me} may use this forward)",
-                    fwd.bind, fwd.port
-                );
+                let who = uid.map(|u| format!("uid {u}")).unwrap_or_else(|| "an unproven owner".into());
+                if let Some(line) = refusals.refuse(Instant::now(), format!("{peer} ({who})"), &what) {
+                    eprintln!("hpcfed tunnel: {line}; {rule}");
+                }
                 reset(&stream);
                 continue;
             }
         }
-        let h = {
-            let mut st = shared.lock();
-            match st.connect(fwd.target, fwd.target_port) {
-                Ok(h) => {
-                    st.counters.active += 1;
-                    st.counters.total += 1;
-                    h
-                }
-                Err(e) => {
-                    eprintln!("hpcfed tunnel: {e}");
-                    continue;
-                }
+        let h = match shared.lock().connect(fwd.target, fwd.target_port) {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("hpcfed tunnel: {e}");
+                reset(&stream);
+                continue;
             }
         };
         shared.kick.notify_one();
@@ -199,12 +243,7 @@ pub async fn serve_inbound(shared: Shared, inb: Inbound) {
                 "hpcfed tunnel: remote forward: cannot reach {}:{}: {e}",
                 inb.host, inb.host_port
             );
-            let mut st = shared.lock();
-            st.socket(inb.handle).abort();
-            st.counters.active -= 1;
-            st.counters.failed += 1;
-            st.dead.push((inb.handle, std::time::Instant::now()));
-            drop(st);
+            shared.lock().finish(inb.handle, true);
             shared.kick.notify_one();
         }
     }
@@ -212,4 +251,26 @@ pub async fn serve_inbound(shared: Shared, inb: Inbound) {
 
 pub fn describe_remote(f: &RemoteForward) -> String {
     format!("{} -> {}:{}", f.port, f.host, f.host_port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_are_logged_once_then_counted_per_interval() {
+        let t0 = Instant::now();
+        let mut log = RefusalLog::new(Duration::from_secs(10));
+        assert!(log.refuse(t0, "a (uid 5)".into(), "x").unwrap().starts_with("refused connection to x from a"));
+        let mut lines = 0;
+        for i in 1..5000u64 {
+            let t = t0 + Duration::from_millis(i); // 5,000 refusals within 5 s
+            lines += log.refuse(t, format!("p{} (uid 5)", i % 3), "x").is_some() as u32;
+        }
+        assert_eq!(lines, 0);
+        assert_eq!(log.flush(t0 + Duration::from_secs(5), "x"), None);
+        let line = log.flush(t0 + Duration::from_secs(11), "x").unwrap();
+        assert!(line.starts_with("refused 4999 more connections to x in the last 11s"), "{line}");
+        assert_eq!(log.flush(t0 + Duration::from_secs(30), "x"), None); // nothing new
+    }
 }

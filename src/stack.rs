@@ -6,7 +6,7 @@ use smoltcp::phy::{Device, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
 use smoltcp::time::Instant as SInstant;
 use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, Ipv4Address};
-use std::collections::VecDeque;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -76,8 +76,49 @@ pub struct Inbound {
 pub struct Counters {
     pub active: u64,
     pub total: u64,
+    /// -L connections from other users (owner not proven).
     pub refused: u64,
+    /// -R connections reset because max_connections were already open.
+    pub over_limit: u64,
     pub failed: u64,
+}
+
+/// Local ports of outbound tunnel connections: handed out round-robin over a wide range (a
+/// just-freed port is reused as late as possible, so the far end's TIME_WAIT has passed) and
+/// never while a connection still holds it.
+pub struct Ports {
+    next: u16,
+    in_use: HashSet<u16>,
+    reserved: HashSet<u16>,
+}
+
+impl Ports {
+    pub const FIRST: u16 = 10000;
+    pub const LAST: u16 = 65535;
+
+    pub fn new(reserved: impl IntoIterator<Item = u16>) -> Ports {
+        Ports { next: Self::FIRST, in_use: HashSet::new(), reserved: reserved.into_iter().collect() }
+    }
+
+    pub fn take(&mut self) -> Option<u16> {
+        for _ in Self::FIRST..=Self::LAST {
+            let p = self.next;
+            self.next = if p == Self::LAST { Self::FIRST } else { p + 1 };
+            if !self.reserved.contains(&p) && self.in_use.insert(p) {
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    pub fn release(&mut self, p: u16) {
+        self.in_use.remove(&p);
+    }
+
+    #[cfg(test)]
+    pub fn in_use(&self) -> usize {
+        self.in_use.len()
+    }
 }
 
 pub struct Stack {
@@ -88,17 +129,21 @@ pub struct Stack {
     /// Finished connections: removed once closed (or after a grace period).
     pub dead: Vec<(SocketHandle, Instant)>,
     pub counters: Counters,
-    next_port: u16,
+    ports: Ports,
+    /// Local port of each outbound connection, released when its socket is removed.
+    outbound: HashMap<SocketHandle, u16>,
+    /// Connections that arrived through a remote forward and are not finished yet.
+    inbound: HashSet<SocketHandle>,
+    max_inbound: u64,
     buffer: usize,
 }
 
 /// Listening sockets kept per remote-forward port: smoltcp hands each SYN to one listening
 /// socket, so a burst of connections needs several before the next poll refills the pool.
 const LISTEN_POOL: usize = 16;
-const EPHEMERAL: std::ops::Range<u16> = 40000..60000;
 
 impl Stack {
-    pub fn new(addr: Ipv4Addr, prefix: u8, mtu: usize, buffer: usize) -> Stack {
+    pub fn new(addr: Ipv4Addr, prefix: u8, mtu: usize, buffer: usize, max_inbound: u64, listen_ports: &[u16]) -> Stack {
         let mut device = QueueDevice { rx: VecDeque::new(), tx: VecDeque::new(), mtu };
         let mut config = Config::new(HardwareAddress::Ip);
         config.random_seed = rand_seed();
@@ -117,7 +162,10 @@ impl Stack {
             listeners: vec![],
             dead: vec![],
             counters: Counters::default(),
-            next_port: EPHEMERAL.start,
+            ports: Ports::new(listen_ports.iter().copied()),
+            outbound: HashMap::new(),
+            inbound: HashSet::new(),
+            max_inbound,
             buffer,
         }
     }
@@ -129,11 +177,39 @@ impl Stack {
     /// Open an outbound tunnel connection (local forward) to target:port.
     pub fn connect(&mut self, target: Ipv4Addr, port: u16) -> Result<SocketHandle, String> {
         let mut s = self.new_socket();
-        let local = self.next_port;
-        self.next_port = if local + 1 >= EPHEMERAL.end { EPHEMERAL.start } else { local + 1 };
-        s.connect(self.iface.context(), (IpAddress::Ipv4(Ipv4Address::from(target)), port), local)
-            .map_err(|e| format!("connect: {e}"))?;
-        Ok(self.sockets.add(s))
+        let local = self.ports.take().ok_or("connect: every local tunnel port is in use")?;
+        if let Err(e) = s.connect(self.iface.context(), (IpAddress::Ipv4(Ipv4Address::from(target)), port), local) {
+            self.ports.release(local);
+            return Err(format!("connect: {e}"));
+        }
+        let h = self.sockets.add(s);
+        self.outbound.insert(h, local);
+        self.counters.active += 1;
+        self.counters.total += 1;
+        Ok(h)
+    }
+
+    /// A connection's bridge ended: account for it and let the socket be reaped once closed.
+    pub fn finish(&mut self, h: SocketHandle, failed: bool) {
+        if failed {
+            self.socket(h).abort();
+            self.counters.failed += 1;
+        }
+        self.counters.active -= 1;
+        self.inbound.remove(&h);
+        self.dead.push((h, Instant::now()));
+    }
+
+    fn remove(&mut self, h: SocketHandle) {
+        self.sockets.remove(h);
+        if let Some(p) = self.outbound.remove(&h) {
+            self.ports.release(p);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn ports_in_use(&self) -> usize {
+        self.ports.in_use()
     }
 
     pub fn add_listener(&mut self, port: u16, host: String, host_port: u16) {
@@ -169,13 +245,21 @@ impl Stack {
                         });
                         if twin {
                             self.sockets.remove(h);
+                        } else if self.inbound.len() as u64 >= self.max_inbound {
+                            // over the cap: reset it (the client sees a refused connection)
+                            self.sockets.get_mut::<tcp::Socket>(h).abort();
+                            self.counters.over_limit += 1;
+                            self.dead.push((h, Instant::now()));
                         } else {
+                            self.inbound.insert(h);
                             fresh.push(Inbound { handle: h, host: l.host.clone(), host_port: l.host_port });
                         }
                     }
                 }
             }
-            while keep.len() < LISTEN_POOL {
+            // no more listeners than connections still allowed: further SYNs get a reset
+            let room = self.max_inbound.saturating_sub(self.inbound.len() as u64) as usize;
+            while keep.len() < LISTEN_POOL.min(room.max(1)) {
                 let mut s = new_socket(buffer);
                 if s.listen(l.port).is_err() {
                     break;
@@ -218,7 +302,7 @@ impl Stack {
     fn reap(&mut self) {
         let now = Instant::now();
         let mut keep = vec![];
-        for (h, since) in self.dead.drain(..) {
+        for (h, since) in std::mem::take(&mut self.dead) {
             let s = self.sockets.get_mut::<tcp::Socket>(h);
             let closed = matches!(s.state(), tcp::State::Closed | tcp::State::TimeWait);
             if closed || now.duration_since(since) > Duration::from_secs(60) {
@@ -227,7 +311,7 @@ impl Stack {
                     keep.push((h, now - Duration::from_secs(61))); // remove after the RST went out
                     continue;
                 }
-                self.sockets.remove(h);
+                self.remove(h);
             } else {
                 keep.push((h, since));
             }
@@ -274,5 +358,66 @@ pub struct Shared {
 impl Shared {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Stack> {
         self.stack.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_skip_those_in_use_and_reserved_and_wrap() {
+        let mut p = Ports::new([Ports::FIRST + 1]);
+        let held = p.take().unwrap();
+        assert_eq!(held, Ports::FIRST);
+        assert_eq!(p.take(), Some(Ports::FIRST + 2)); // FIRST+1 is a listening port
+        // a full cycle later the held port is still not handed out again
+        let mut seen = 0;
+        for _ in 0..200_000 {
+            let q = p.take().unwrap();
+            assert_ne!(q, held);
+            assert_ne!(q, Ports::FIRST + 1);
+            p.release(q);
+            seen += 1;
+        }
+        assert_eq!(seen, 200_000);
+        assert_eq!(p.in_use(), 2);
+    }
+
+    #[test]
+    fn ports_run_out_cleanly() {
+        let mut p = Ports::new([]);
+        let n = (Ports::LAST - Ports::FIRST) as usize + 1;
+        for _ in 0..n {
+            assert!(p.take().is_some());
+        }
+        assert_eq!(p.take(), None);
+    }
+
+    fn stack(max_inbound: u64) -> Stack {
+        Stack::new(Ipv4Addr::new(10, 220, 0, 2), 32, 1420, 16 * 1024, max_inbound, &[9000])
+    }
+
+    #[test]
+    fn finished_outbound_connections_give_their_port_back() {
+        let mut st = stack(4);
+        let h = st.connect(Ipv4Addr::new(10, 220, 0, 3), 80).unwrap();
+        assert_eq!((st.ports_in_use(), st.counters.active), (1, 1));
+        st.finish(h, true); // failed: aborted, reaped on the next poll
+        st.poll();
+        st.poll();
+        assert_eq!((st.ports_in_use(), st.counters.active, st.counters.failed), (0, 0, 1));
+    }
+
+    #[test]
+    fn listener_pool_shrinks_to_the_connection_cap() {
+        let mut st = stack(3);
+        st.add_listener(9000, "127.0.0.1".into(), 9001);
+        st.refill_listeners();
+        assert_eq!(st.listeners[0].pool.len(), 3);
+        let mut st = stack(1000);
+        st.add_listener(9000, "127.0.0.1".into(), 9001);
+        st.refill_listeners();
+        assert_eq!(st.listeners[0].pool.len(), LISTEN_POOL);
     }
 }

@@ -1,8 +1,12 @@
 //! The WireGuard loop: one UDP socket to the hub, boringtun's `Tunn` for the protocol, the
 //! smoltcp stack for TCP. Also readiness, the no-egress timeout, liveness and the status file.
+//!
+//! `run` only wires the parts together: `Wire` (UDP + WireGuard), `Health` (handshakes,
+//! readiness, liveness: pure, unit-tested), `StatusFile` (what `hpcfed tunnel status` reads).
+use crate::files::write_private;
 use crate::forward;
 use crate::spec::{key32, Spec};
-use crate::stack::{Shared, Stack};
+use crate::stack::{Counters, Inbound, Shared, Stack};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
@@ -20,9 +24,162 @@ pub enum Stop {
     Python(pyo3::PyErr),
 }
 
+fn epoch() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+/// The UDP socket to the hub and the WireGuard session on it.
+struct Wire {
+    tunn: Tunn,
+    udp: UdpSocket,
+    hub: SocketAddr,
+    wbuf: Vec<u8>,
+    rbuf: Vec<u8>,
+}
+
+impl Wire {
+    async fn open(spec: &Spec) -> Result<Wire, Stop> {
+        let err = |m: String| Stop::Tunnel(m);
+        let private = StaticSecret::from(key32(&spec.private_key, "PrivateKey").map_err(err)?);
+        let peer = PublicKey::from(key32(&spec.peer_public_key, "peer PublicKey").map_err(err)?);
+        let psk = match &spec.preshared_key {
+            Some(k) => Some(key32(k, "PresharedKey").map_err(err)?),
+            None => None,
+        };
+        let tunn = Tunn::new(private, peer, psk, spec.keepalive, rand_index(), None)
+            .map_err(|e| Stop::Tunnel(format!("bad WireGuard keys: {e}")))?;
+        let hub: SocketAddr = tokio::net::lookup_host(&spec.endpoint)
+            .await
+            .ok()
+            .and_then(|mut a| a.find(|a| a.is_ipv4()))
+            .ok_or_else(|| Stop::Tunnel(format!("cannot resolve the hub endpoint {}", spec.endpoint)))?;
+        let udp = UdpSocket::bind(("0.0.0.0", spec.listen_port.unwrap_or(0)))
+            .await
+            .map_err(|e| Stop::Tunnel(format!("cannot open a UDP socket: {e}")))?;
+        grow_buffers(&udp);
+        Ok(Wire { tunn, udp, hub, wbuf: vec![0u8; 65536 + 256], rbuf: vec![0u8; 65536 + 256] })
+    }
+
+    /// Start (or restart) the handshake now rather than on the first packet.
+    async fn handshake(&mut self, force: bool) {
+        if let TunnResult::WriteToNetwork(p) = self.tunn.format_handshake_initiation(&mut self.wbuf, force) {
+            let _ = self.udp.send_to(p, self.hub).await;
+        }
+    }
+
+    /// Encrypt and send what the stack produced.
+    async fn send_packets(&mut self, packets: Vec<Vec<u8>>) {
+        for p in packets {
+            if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(&p, &mut self.wbuf) {
+                let _ = self.udp.send_to(d, self.hub).await;
+            }
+        }
+    }
+
+    async fn timers(&mut self) {
+        if let TunnResult::WriteToNetwork(p) = self.tunn.update_timers(&mut self.wbuf) {
+            let _ = self.udp.send_to(p, self.hub).await;
+        }
+    }
+
+    /// One datagram (already in rbuf[..n]) from `from`. Returns whether it was authentic
+    /// WireGuard traffic from the hub.
+    async fn on_datagram(&mut self, n: usize, from: SocketAddr, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
+        if from.ip() != self.hub.ip() {
+            return false;
+        }
+        let mut input_len = n;
+        let mut authentic = false;
+        loop {
+            let r = self.tunn.decapsulate(Some(self.hub.ip()), &self.rbuf[..input_len], &mut self.wbuf);
+            input_len = 0;
+            match r {
+                TunnResult::WriteToNetwork(p) => {
+                    authentic = true;
+                    let _ = self.udp.send_to(p, self.hub).await;
+                    // repeat with an empty datagram until Done: flushes packets queued for a session
+                }
+                TunnResult::WriteToTunnelV4(p, _src) => {
+                    fresh.extend(shared.lock().ingest(p.to_vec()));
+                    return true;
+                }
+                TunnResult::WriteToTunnelV6(..) | TunnResult::Done => return true,
+                TunnResult::Err(_) => return authentic,
+            }
+        }
+    }
+
+    /// Handle a datagram that arrived (in rbuf[..n]) and whatever else already arrived.
+    /// Returns whether anything authentic came from the hub.
+    async fn received(&mut self, n: usize, from: SocketAddr, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
+        let mut heard = self.on_datagram(n, from, shared, fresh).await;
+        // Drain whatever else already arrived before running the stack again.
+        for _ in 0..64 {
+            match self.udp.try_recv_from(&mut self.rbuf) {
+                Ok((n, from)) => heard |= self.on_datagram(n, from, shared, fresh).await,
+                Err(_) => break,
+            }
+        }
+        heard
+    }
+}
+
+/// Handshakes, readiness and liveness: decisions only, no I/O.
+struct Health {
+    started: Instant,
+    last_rx: Instant,
+    last_forced: Instant,
+    prev_age: Option<Duration>,
+    handshakes: u64,
+    ready: bool,
+    liveness: Duration,
+    handshake_timeout: Duration,
+}
+
+impl Health {
+    fn new(now: Instant, liveness: Duration, handshake_timeout: Duration) -> Health {
+        Health { started: now, last_rx: now, last_forced: now, prev_age: None, handshakes: 0, ready: false, liveness, handshake_timeout }
+    }
+
+    fn heard(&mut self, now: Instant) {
+        self.last_rx = now;
+    }
+
+    /// boringtun reports the age of the last handshake; a drop means a new one completed.
+    /// Returns true exactly once: when the first handshake made the tunnel ready.
+    fn observe(&mut self, age: Option<Duration>) -> bool {
+        let mut became_ready = false;
+        if let Some(a) = age {
+            if self.prev_age.map_or(true, |p| a + Duration::from_millis(500) < p) {
+                self.handshakes += 1;
+                became_ready = !self.ready;
+                self.ready = true;
+            }
+        }
+        self.prev_age = age;
+        became_ready
+    }
+
+    fn timed_out(&self, now: Instant) -> bool {
+        !self.ready && now.duration_since(self.started) >= self.handshake_timeout
+    }
+
+    /// Silent hub: it restarted (lost our session) or our address changed. Re-handshake, at
+    /// most every 5 s.
+    fn should_rehandshake(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.last_rx) >= self.liveness && now.duration_since(self.last_forced) >= Duration::from_secs(5) {
+            self.last_forced = now;
+            return true;
+        }
+        false
+    }
+}
+
 #[derive(Serialize)]
 struct Status<'a> {
     pid: u32,
+    host: &'a str,
+    config: Option<&'a str>,
     state: &'a str,
     address: String,
     endpoint: &'a str,
@@ -35,142 +192,160 @@ struct Status<'a> {
     connections_active: u64,
     connections_total: u64,
     connections_refused: u64,
+    connections_over_limit: u64,
     connections_failed: u64,
-    local_forwards: Vec<String>,
-    remote_forwards: Vec<String>,
+    local_forwards: &'a [String],
+    remote_forwards: &'a [String],
 }
 
-fn epoch() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+/// What `hpcfed tunnel status` reads (0600 JSON, rewritten every second).
+struct StatusFile {
+    path: Option<String>,
+    host: String,
+    started_at: f64,
+    local: Vec<String>,
+    remote: Vec<String>,
 }
 
-/// Write a file readable only by us, atomically (a reader never sees half of it).
-pub fn write_private(path: &str, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = format!("{path}.tmp{}", std::process::id());
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
+impl StatusFile {
+    fn new(spec: &Spec) -> StatusFile {
+        StatusFile {
+            path: spec.status_file.clone(),
+            host: hostname(),
+            started_at: epoch(),
+            local: spec.local_forwards.iter().map(|f| format!("{}:{} -> {}:{}", f.bind, f.port, f.target, f.target_port)).collect(),
+            remote: spec.remote_forwards.iter().map(forward::describe_remote).collect(),
+        }
+    }
+
+    fn render(&self, spec: &Spec, health: &Health, tunn: &Tunn, c: &Counters) -> Vec<u8> {
+        let (age, tx, rx, _, _) = tunn.stats();
+        let st = Status {
+            pid: std::process::id(),
+            host: &self.host,
+            config: spec.config.as_deref(),
+            state: if health.ready { "up" } else { "connecting" },
+            address: spec.address.to_string(),
+            endpoint: &spec.endpoint,
+            started_at: self.started_at,
+            updated_at: epoch(),
+            handshakes: health.handshakes,
+            last_handshake_age_s: age.map(|a| a.as_secs_f64()),
+            tx_bytes: tx,
+            rx_bytes: rx,
+            connections_active: c.active,
+            connections_total: c.total,
+            connections_refused: c.refused,
+            connections_over_limit: c.over_limit,
+            connections_failed: c.failed,
+            local_forwards: &self.local,
+            remote_forwards: &self.remote,
+        };
+        serde_json::to_vec_pretty(&st).unwrap_or_default()
+    }
+
+    fn write(&self, body: &[u8]) {
+        if let Some(p) = &self.path {
+            let _ = write_private(p, body);
+        }
+    }
 }
 
-pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>) -> Result<(), Stop> {
-    let err = |m: String| Stop::Tunnel(m);
-    let private = StaticSecret::from(key32(&spec.private_key, "PrivateKey").map_err(err)?);
-    let peer = PublicKey::from(key32(&spec.peer_public_key, "peer PublicKey").map_err(err)?);
-    let psk = match &spec.preshared_key {
-        Some(k) => Some(key32(k, "PresharedKey").map_err(err)?),
-        None => None,
-    };
-    let mut tunn = Tunn::new(private, peer, psk, spec.keepalive, rand_index(), None)
-        .map_err(|e| Stop::Tunnel(format!("bad WireGuard keys: {e}")))?;
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    let r = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    if r != 0 {
+        return String::new();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
 
-    let hub: SocketAddr = tokio::net::lookup_host(&spec.endpoint)
-        .await
-        .ok()
-        .and_then(|mut a| a.find(|a| a.is_ipv4()))
-        .ok_or_else(|| Stop::Tunnel(format!("cannot resolve the hub endpoint {}", spec.endpoint)))?;
-    let udp = UdpSocket::bind(("0.0.0.0", spec.listen_port.unwrap_or(0)))
-        .await
-        .map_err(|e| Stop::Tunnel(format!("cannot open a UDP socket: {e}")))?;
+fn ready_body(spec: &Spec) -> String {
+    format!("{{\"address\": \"{}\", \"pid\": {}, \"ready_at\": {}}}\n", spec.address, std::process::id(), epoch())
+}
 
-    grow_buffers(&udp);
+fn no_egress(spec: &Spec) -> String {
+    format!(
+        "no UDP egress to the hub {}: no WireGuard handshake within {:.0}s \
+         (UDP to the hub blocked, hub down, or this peer's public key is not registered there)",
+        spec.endpoint, spec.handshake_timeout
+    )
+}
 
-    let shared = Shared {
-        stack: Arc::new(Mutex::new(Stack::new(spec.address, spec.prefix, spec.mtu, spec.buffer_kib * 1024))),
-        kick: Arc::new(Notify::new()),
-    };
+/// The stack and the forwards' listeners.
+async fn open_stack(spec: &Spec) -> Result<Shared, Stop> {
+    let listen_ports: Vec<u16> = spec.remote_forwards.iter().map(|f| f.port).collect();
+    let stack = Stack::new(spec.address, spec.prefix, spec.mtu, spec.buffer_kib * 1024, spec.max_connections, &listen_ports);
+    let shared = Shared { stack: Arc::new(Mutex::new(stack)), kick: Arc::new(Notify::new()) };
     for f in &spec.remote_forwards {
         shared.lock().add_listener(f.port, f.host.clone(), f.host_port);
     }
     for f in &spec.local_forwards {
-        let l = TcpListener::bind((f.bind.as_str(), f.port)).await.map_err(|e| {
-            Stop::Tunnel(format!("cannot listen on {}:{} for -L: {e}", f.bind, f.port))
-        })?;
+        let l = TcpListener::bind((f.bind.as_str(), f.port))
+            .await
+            .map_err(|e| Stop::Tunnel(format!("cannot listen on {}:{} for -L: {e}", f.bind, f.port)))?;
         tokio::spawn(forward::serve_local(shared.clone(), l, f.clone(), spec.allow_other_users));
     }
-    let local_desc: Vec<String> = spec
-        .local_forwards
-        .iter()
-        .map(|f| format!("{}:{} -> {}:{}", f.bind, f.port, f.target, f.target_port))
-        .collect();
-    let remote_desc: Vec<String> = spec.remote_forwards.iter().map(forward::describe_remote).collect();
+    Ok(shared)
+}
 
-    let mut wbuf = vec![0u8; 65536 + 256];
-    let mut rbuf = vec![0u8; 65536 + 256];
-    let started = Instant::now();
-    let started_at = epoch();
-    let mut last_rx = started;
-    let mut last_forced = started;
-    let mut handshakes: u64 = 0;
-    let mut prev_age: Option<Duration> = None;
-    let mut ready = false;
-    let mut next_tick = started;
-    let mut next_status = started;
-    let liveness = Duration::from_secs_f64(spec.liveness);
-    let hs_timeout = Duration::from_secs_f64(spec.handshake_timeout);
-
-    // Start the handshake now rather than on the first packet: readiness should not wait.
-    if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut wbuf, false) {
-        let _ = udp.send_to(p, hub).await;
+/// Run the stack once: packets to send, how long it may sleep, new inbound connections.
+fn pump(shared: &Shared, fresh: &mut Vec<Inbound>) -> (Vec<Vec<u8>>, Option<Duration>, Vec<Inbound>) {
+    let mut st = shared.lock();
+    let mut delay = st.poll();
+    let mut inbound = st.refill_listeners();
+    inbound.append(fresh);
+    if !inbound.is_empty() {
+        delay = Some(Duration::ZERO); // fresh listeners must answer the next SYNs
     }
+    let out: Vec<Vec<u8>> = st.device.tx.drain(..).collect();
+    (out, delay, inbound)
+}
+
+fn debug_dump(shared: &Shared) {
+    let mut st = shared.lock();
+    for (_, sock) in st.sockets.iter_mut() {
+        let smoltcp::socket::Socket::Tcp(t) = sock;
+        if t.state() != smoltcp::socket::tcp::State::Listen {
+            eprintln!(
+                "hpcfed tunnel: debug: {} {:?} -> {:?} send_queue={} recv_queue={}",
+                t.state(), t.local_endpoint(), t.remote_endpoint(), t.send_queue(), t.recv_queue()
+            );
+        }
+    }
+}
+
+pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>) -> Result<(), Stop> {
+    let mut wire = Wire::open(&spec).await?;
+    let shared = open_stack(&spec).await?;
+    let status = StatusFile::new(&spec);
+    let now = Instant::now();
+    let mut health = Health::new(now, Duration::from_secs_f64(spec.liveness), Duration::from_secs_f64(spec.handshake_timeout));
+    let (mut next_tick, mut next_status) = (now, now);
+    wire.handshake(false).await;
 
     let mut fresh = vec![]; // inbound connections accepted while reading datagrams
     let result = loop {
         // 1. Run the stack and send what it produced.
-        let (out, delay, inbound) = {
-            let mut st = shared.lock();
-            let mut delay = st.poll();
-            let mut inbound = st.refill_listeners();
-            inbound.extend(fresh.drain(..));
-            if !inbound.is_empty() {
-                delay = Some(Duration::ZERO); // fresh listeners must answer the next SYNs
-            }
-            let out: Vec<Vec<u8>> = st.device.tx.drain(..).collect();
-            (out, delay, inbound)
-        };
+        let (out, delay, inbound) = pump(&shared, &mut fresh);
         for inb in inbound {
             tokio::spawn(forward::serve_inbound(shared.clone(), inb));
         }
-        for p in out {
-            if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&p, &mut wbuf) {
-                let _ = udp.send_to(d, hub).await;
-            }
-        }
+        wire.send_packets(out).await;
 
         // 2. Wait for a datagram, a connection task, a stack timer or our own tick.
-        let now = Instant::now();
-        let mut wait = next_tick.saturating_duration_since(now);
+        let mut wait = next_tick.saturating_duration_since(Instant::now());
         if let Some(d) = delay {
             wait = wait.min(d);
         }
         tokio::select! {
-            r = udp.recv_from(&mut rbuf) => {
-                if let Ok((n, from)) = r {
-                    if from == hub || from.ip() == hub.ip() {
-                        let got = self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared, &mut fresh).await;
-                        if got { last_rx = Instant::now(); }
-                    }
-                    // Drain whatever else already arrived before running the stack again.
-                    for _ in 0..64 {
-                        match udp.try_recv_from(&mut rbuf) {
-                            Ok((n, from)) if from.ip() == hub.ip() => {
-                                if self::on_datagram(&mut tunn, &udp, hub, &rbuf[..n], &mut wbuf, &shared, &mut fresh).await {
-                                    last_rx = Instant::now();
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
+            // only the wait is cancelled by the other branches, never the handling
+            r = wire.udp.recv_from(&mut wire.rbuf) => if let Ok((n, from)) = r {
+                if wire.received(n, from, &shared, &mut fresh).await {
+                    health.heard(Instant::now());
                 }
-            }
+            },
             _ = shared.kick.notified() => {}
             _ = tokio::time::sleep(wait) => {}
         }
@@ -184,131 +359,39 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
         if let Err(e) = check_signals() {
             break Err(Stop::Python(e));
         }
-        match tunn.update_timers(&mut wbuf) {
-            TunnResult::WriteToNetwork(p) => {
-                let _ = udp.send_to(p, hub).await;
-            }
-            _ => {}
-        }
-        let (age, tx, rx, _, _) = tunn.stats();
-        if let Some(a) = age {
-            if prev_age.map_or(true, |p| a + Duration::from_millis(500) < p) {
-                handshakes += 1;
-                if !ready {
-                    ready = true;
-                    eprintln!(
-                        "hpcfed tunnel: up: {} via hub {} after {:.0} ms",
-                        spec.address,
-                        spec.endpoint,
-                        now.duration_since(started).as_secs_f64() * 1000.0
-                    );
-                    if let Some(rf) = &spec.ready_file {
-                        let body = format!(
-                            "{{\"address\": \"{}\", \"pid\": {}, \"ready_at\": {}}}\n",
-                            spec.address,
-                            std::process::id(),
-                            epoch()
-                        );
-                        if let Err(e) = write_private(rf, body.as_bytes()) {
-                            break Err(Stop::Tunnel(format!("cannot write the ready file {rf}: {e}")));
-                        }
-                    }
+        wire.timers().await;
+        if health.observe(wire.tunn.stats().0) {
+            eprintln!(
+                "hpcfed tunnel: up: {} via hub {} after {:.0} ms",
+                spec.address,
+                spec.endpoint,
+                now.duration_since(health.started).as_secs_f64() * 1000.0
+            );
+            if let Some(rf) = &spec.ready_file {
+                if let Err(e) = write_private(rf, ready_body(&spec).as_bytes()) {
+                    break Err(Stop::Tunnel(format!("cannot write the ready file {rf}: {e}")));
                 }
             }
         }
-        prev_age = age;
-        if !ready && now.duration_since(started) >= hs_timeout {
-            break Err(Stop::Tunnel(format!(
-                "no UDP egress to the hub {}: no WireGuard handshake within {:.0}s \
-                 (UDP to the hub blocked, hub down, or this peer's public key is not registered there)",
-                spec.endpoint, spec.handshake_timeout
-            )));
+        if health.timed_out(now) {
+            break Err(Stop::Tunnel(no_egress(&spec)));
         }
-        // Silent hub: it restarted (lost our session) or our address changed. Re-handshake.
-        if now.duration_since(last_rx) >= liveness && now.duration_since(last_forced) >= Duration::from_secs(5) {
-            last_forced = now;
-            if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(&mut wbuf, true) {
-                let _ = udp.send_to(p, hub).await;
-            }
+        if health.should_rehandshake(now) {
+            wire.handshake(true).await;
         }
         if now >= next_status {
             next_status = now + Duration::from_secs(1);
             if crate::debug() {
-                let mut st = shared.lock();
-                for (_, sock) in st.sockets.iter_mut() {
-                    let smoltcp::socket::Socket::Tcp(t) = sock;
-                    {
-                        if t.state() != smoltcp::socket::tcp::State::Listen {
-                            eprintln!(
-                                "hpcfed tunnel: debug: {} {:?} -> {:?} send_queue={} recv_queue={}",
-                                t.state(), t.local_endpoint(), t.remote_endpoint(), t.send_queue(), t.recv_queue()
-                            );
-                        }
-                    }
-                }
+                debug_dump(&shared);
             }
-            if let Some(sf) = &spec.status_file {
-                let c = shared.lock().counters.clone();
-                let st = Status {
-                    pid: std::process::id(),
-                    state: if ready { "up" } else { "connecting" },
-                    address: spec.address.to_string(),
-                    endpoint: &spec.endpoint,
-                    started_at,
-                    updated_at: epoch(),
-                    handshakes,
-                    last_handshake_age_s: age.map(|a| a.as_secs_f64()),
-                    tx_bytes: tx,
-                    rx_bytes: rx,
-                    connections_active: c.active,
-                    connections_total: c.total,
-                    connections_refused: c.refused,
-                    connections_failed: c.failed,
-                    local_forwards: local_desc.clone(),
-                    remote_forwards: remote_desc.clone(),
-                };
-                if let Ok(j) = serde_json::to_vec_pretty(&st) {
-                    let _ = write_private(sf, &j);
-                }
-            }
+            let counters = shared.lock().counters.clone();
+            status.write(&status.render(&spec, &health, &wire.tunn, &counters));
         }
     };
     if let Some(rf) = &spec.ready_file {
         let _ = std::fs::remove_file(rf);
     }
     result
-}
-
-/// One datagram from the hub. Returns whether it was authentic WireGuard traffic.
-async fn on_datagram(
-    tunn: &mut Tunn,
-    udp: &UdpSocket,
-    hub: SocketAddr,
-    data: &[u8],
-    wbuf: &mut [u8],
-    shared: &Shared,
-    fresh: &mut Vec<crate::stack::Inbound>,
-) -> bool {
-    let mut first = true;
-    let mut authentic = false;
-    loop {
-        let input: &[u8] = if first { data } else { &[] };
-        let r = tunn.decapsulate(Some(hub.ip()), input, wbuf);
-        first = false;
-        match r {
-            TunnResult::WriteToNetwork(p) => {
-                authentic = true;
-                let _ = udp.send_to(p, hub).await;
-                // repeat with an empty datagram until Done: flushes packets queued for a session
-            }
-            TunnResult::WriteToTunnelV4(p, _src) => {
-                fresh.extend(shared.lock().ingest(p.to_vec()));
-                return true;
-            }
-            TunnResult::WriteToTunnelV6(..) | TunnResult::Done => return true,
-            TunnResult::Err(_) => return authentic,
-        }
-    }
 }
 
 /// Bigger UDP buffers than the 208 KiB default absorb bursts of many connections. Unprivileged
@@ -341,4 +424,59 @@ fn rand_index() -> u32 {
         let _ = f.read_exact(&mut b);
     }
     u32::from_ne_bytes(b) >> 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> (Health, Instant) {
+        let t0 = Instant::now();
+        (Health::new(t0, Duration::from_secs(5), Duration::from_secs(30)), t0)
+    }
+
+    #[test]
+    fn first_handshake_makes_ready_once_and_later_ones_are_counted() {
+        let (mut h, _) = health();
+        assert!(!h.observe(None));
+        assert!(h.observe(Some(Duration::from_millis(3))));
+        assert!(!h.observe(Some(Duration::from_secs(60)))); // ageing, no new handshake
+        assert!(!h.observe(Some(Duration::from_millis(1)))); // a re-handshake: counted, not "ready" again
+        assert_eq!((h.handshakes, h.ready), (2, true));
+    }
+
+    #[test]
+    fn no_handshake_within_the_timeout_is_a_failure_only_before_ready() {
+        let (mut h, t0) = health();
+        assert!(!h.timed_out(t0 + Duration::from_secs(29)));
+        assert!(h.timed_out(t0 + Duration::from_secs(30)));
+        h.observe(Some(Duration::ZERO));
+        assert!(!h.timed_out(t0 + Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn silence_forces_a_rehandshake_at_most_every_five_seconds() {
+        let (mut h, t0) = health();
+        assert!(!h.should_rehandshake(t0 + Duration::from_secs(4)));
+        assert!(h.should_rehandshake(t0 + Duration::from_secs(6)));
+        assert!(!h.should_rehandshake(t0 + Duration::from_secs(8)));
+        assert!(h.should_rehandshake(t0 + Duration::from_secs(11)));
+        h.heard(t0 + Duration::from_secs(12));
+        assert!(!h.should_rehandshake(t0 + Duration::from_secs(16)));
+    }
+
+    #[test]
+    fn status_names_host_config_and_counters() {
+        let spec = Spec::from_json(&crate::spec::tests::sample().to_string()).unwrap();
+        let (h, _) = health();
+        let tunn = Tunn::new(StaticSecret::from([1u8; 32]), PublicKey::from([2u8; 32]), None, None, 1, None).unwrap();
+        let c = Counters { active: 1, total: 7, refused: 2, over_limit: 3, failed: 0 };
+        let s = StatusFile::new(&spec);
+        let v: serde_json::Value = serde_json::from_slice(&s.render(&spec, &h, &tunn, &c)).unwrap();
+        assert_eq!(v["host"], hostname());
+        assert_eq!(v["config"], "/x/wg.conf");
+        assert_eq!(v["state"], "connecting");
+        assert_eq!((v["connections_total"].as_u64(), v["connections_over_limit"].as_u64()), (Some(7), Some(3)));
+        assert_eq!(v["remote_forwards"][0], "9000 -> 127.0.0.1:9001");
+    }
 }

@@ -158,3 +158,39 @@ def test_a_plan_it_cannot_read_is_one_line_not_a_traceback(tmp_path):
         proc.stderr.strip()
         == f"hpcfed: error: {bad}: not a plan this hpcfed can run (name: Input should be a valid string)"
     )
+
+
+@pytest.mark.timeout(60)
+def test_tunnel_failure_is_reported_with_the_tunnels_own_reason(tmp_path):
+    """The supervisor starts the tunnel through hpcfed.tunnel.job (the one implementation): a
+    hub that never answers ends the job with exit 9 and the tunnel's own one-line reason
+    ("no UDP egress to the hub ...") in the job's report, not "exited with code 9"."""
+    import os
+
+    from hpcfed.tunnel import keys
+
+    conf = tmp_path / "wg.conf"
+    conf.write_text(
+        "[Interface]\n"
+        f"PrivateKey = {keys.generate_private()}\n"
+        "Address = 10.221.0.9/32\n"
+        "[Peer]\n"
+        f"PublicKey = {keys.public_from_private(keys.generate_private())}\n"
+        "Endpoint = 127.0.0.1:9\n"
+        "AllowedIPs = 10.220.0.0/14\n"
+    )
+    os.chmod(conf, 0o600)
+    plan_path = make_plan(tmp_path, ROLE_GRACEFUL)
+    plan = json.loads(plan_path.read_text())
+    plan["tunnel"] = {
+        "config": str(conf),
+        "local_forwards": ["127.0.0.1:39998=10.220.0.2:8002"],
+        "ready_timeout": 4,
+    }
+    plan_path.write_text(json.dumps(plan))
+    proc = start(plan_path)
+    out = proc.stdout.read()
+    assert proc.wait(timeout=30) == 9, out
+    report = json.loads((tmp_path / "status-777.json").read_text())
+    assert report["reason"].startswith("no UDP egress to the hub 127.0.0.1:9"), report
+    assert "role-started" not in out

@@ -182,35 +182,45 @@ def test_status_without_tunnels(tmp_path):
 def test_job_wiring_argv_and_hosts():
     from hpcfed.tunnel import job
 
-    srv = job.tunnel_argv("s.conf", "server", [8002, 8003], None, "/t/ready")
-    assert srv[-4:] == ["-R", "8002=127.0.0.1:8002", "-R", "8003=127.0.0.1:8003"]
-    cli = job.tunnel_argv("c.conf", "client", [8002], "10.220.0.2", "/t/ready", "/t/status")
+    srv = job.tunnel_argv("s.conf", (), ("8002=127.0.0.1:8002",), "/t/ready", 60)
+    assert srv[-2:] == ["-R", "8002=127.0.0.1:8002"]
+    # the child's own handshake timeout ends before the supervisor stops waiting
+    assert srv[srv.index("--handshake-timeout") + 1] == "30"
+    cli = job.tunnel_argv("c.conf", ("127.0.0.1:8002=10.220.0.2:8002",), (), "/t/r", 5, "/t/s")
     assert cli[-2:] == ["-L", "127.0.0.1:8002=10.220.0.2:8002"] and "--status-file" in cli
-    with pytest.raises(ConfigError):
-        job.tunnel_argv("c.conf", "client", [8002], None, "/t/ready")
-    assert job.hosts_line("fl-server") == "127.0.0.1\tfl-server\n"
+    assert cli[cli.index("--handshake-timeout") + 1] == "3"
+    text = job.hosts_text((("fl-server", "127.0.0.1"),))
+    assert "127.0.0.1 fl-server\n" in text and text.startswith("127.0.0.1 localhost\n")
 
 
 def test_job_wait_ready_reports_no_egress(tmp_path):
     """A real tunnel child whose hub never answers: the supervisor gets the distinct message."""
-    import subprocess
-
     from hpcfed.errors import TunnelError
     from hpcfed.tunnel import job
 
     conf = tmp_path / "site.conf"
     conf.write_text(GOOD.replace("hub.example.org:51820", "127.0.0.1:9"))
     os.chmod(conf, 0o600)
+    ready = str(tmp_path / "ready")
     argv = job.tunnel_argv(
-        str(conf),
-        "client",
-        [39999],
-        "10.220.0.2",
-        str(tmp_path / "ready"),
-        str(tmp_path / "status"),
+        str(conf), ("39999=10.220.0.2:39999",), (), ready, 3, str(tmp_path / "status")
     )
-    argv += ["--handshake-timeout", "1"]
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    child = job.TunnelChild.start(argv, ready)
     with pytest.raises(TunnelError, match="^no UDP egress to the hub 127.0.0.1:9"):
-        job.wait_ready(proc, str(tmp_path / "ready"), timeout=20)
-    assert proc.wait() == 9
+        child.wait_ready(timeout=20)
+    assert child.exited() == 9
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--liveness", "1e300"), ("--liveness", "inf"), ("--handshake-timeout", "nan")],
+)
+def test_timer_values_the_data_plane_cannot_hold(tmp_path, flag, value):
+    """`--liveness 1e300` used to panic inside Rust and end in a traceback."""
+    conf = tmp_path / "site.conf"
+    conf.write_text(GOOD)
+    os.chmod(conf, 0o600)
+    proc = hpcfed("tunnel", "up", "--config", str(conf), flag, value)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1 and flag in proc.stderr
+    assert "Traceback" not in proc.stderr and "panic" not in proc.stderr

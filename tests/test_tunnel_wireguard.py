@@ -121,15 +121,26 @@ def _ensure_user(name: str) -> None:
         subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True)
 
 
+def _free_subnet(preferred: int) -> int:
+    """A 10.197.N.0/30 no interface of this machine uses yet."""
+    used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True).stdout
+    for n in [preferred] + list(range(100, 250)):
+        if f"10.197.{n}." not in used:
+            return n
+    raise RuntimeError("no free 10.197.N.0/30 subnet for a test hub")
+
+
 class HubNet:
     """A hub in its own network namespace, reachable from the root namespace over a veth pair."""
 
     def __init__(self, tag: str, subnet: int):
-        self.ns = f"hpcfed-{tag}"
-        self.iface = (
-            f"hf{tag[:5]}{uuid.uuid4().hex[:4]}"  # names are global (wireguard-go's socket)
-        )
-        self.veth = f"vh{tag[:5]}{subnet}"
+        # unique names and a free subnet: another run of these tests (another user's checkout,
+        # the lead's suite) may hold the same ones at the same time
+        run_id = uuid.uuid4().hex[:4]
+        subnet = _free_subnet(subnet)
+        self.ns = f"hpcfed-{tag}-{run_id}"
+        self.iface = f"hf{tag[:5]}{run_id}"  # names are global (wireguard-go's socket)
+        self.veth = f"vh{tag[:4]}{run_id}"
         self.root_ip, self.hub_ip = f"10.197.{subnet}.1", f"10.197.{subnet}.2"
         self.endpoint = f"{self.hub_ip}:51820"
         self.dir = Path(tempfile.mkdtemp(prefix=f"hpcfed-{tag}-"))
@@ -201,34 +212,43 @@ def peer_config(net: HubNet, type_: str, id_: str, user: str) -> tuple[str, str]
 
 
 class Tunnel:
-    """`hpcfed tunnel up` as a user, in the foreground, like a job would run it."""
+    """`hpcfed tunnel up` as a user, in the foreground, like a job would run it.
 
-    def __init__(self, user: str, conf: str, *args: str, name: str = ""):
+    `status=False` leaves the status file at its default place; `prefix` wraps the command
+    (e.g. a UTS namespace for another host name); user "root" runs it as root."""
+
+    def __init__(
+        self,
+        user: str,
+        conf: str,
+        *args: str,
+        name: str = "",
+        status: bool = True,
+        prefix: tuple[str, ...] = (),
+        env: dict | None = None,
+        status_dir: Path | None = None,
+    ):
         self.user = user
         home = Path(pwd.getpwnam(user).pw_dir)
         name = name or Path(conf).stem
         self.ready = home / f"{name}.ready"
-        self.status = home / f"{name}.status"
+        self.status = (status_dir or home) / f"{name}.status"
         self.ready.unlink(missing_ok=True)
         self.log = open(tempfile.mktemp(prefix=f"tunnel-{user}-"), "w+")
-        env = dict(os.environ, **user_env(user))
+        full_env = {**os.environ, **user_env(user), **(env or {})}
+        become = (
+            []
+            if user == "root"
+            else ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"]
+        )
+        argv = HPCFED + ["tunnel", "up", "--config", conf, "--ready-file", str(self.ready)]
+        if status:
+            argv += ["--status-file", str(self.status)]
         self.proc = subprocess.Popen(
-            ["setpriv", "--reuid", user, "--regid", user, "--init-groups", "--"]
-            + HPCFED
-            + [
-                "tunnel",
-                "up",
-                "--config",
-                conf,
-                "--ready-file",
-                str(self.ready),
-                "--status-file",
-                str(self.status),
-                *args,
-            ],
+            list(prefix) + become + argv + list(args),
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=full_env,
             start_new_session=True,
         )
 
@@ -246,6 +266,9 @@ class Tunnel:
     def output(self) -> str:
         self.log.seek(0)
         return self.log.read()
+
+    def counters(self) -> dict:
+        return json.loads(self.status.read_text())
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -475,3 +498,287 @@ def test_sigterm_stops_cleanly(fed):
     t.wait_ready()
     assert t.stop() == 0
     assert not t.ready.exists(), "the ready file must go when the tunnel stops"
+
+
+# ---- issue 12 §3: defects of the tunnel, each against the real hub and real second users ----
+
+CONNECT_SEND_CLOSE = r"""
+import json, socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+c.sendall(b"hello"); c.close()
+print(json.dumps({"sent": True}))
+"""
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.timeout(60)
+def test_status_file_in_a_shared_directory_cannot_be_taken_over(fed, tmp_path):
+    """#8: the status file is rewritten every second through a temp file. Another user of a
+    shared sticky directory (/tmp-like) pre-creates the temp name the tunnel will use; the
+    tunnel must still write its own file, 0600, owned by its user."""
+    shared = Path(tempfile.mkdtemp(prefix="hpcfed-sticky-"))
+    os.chmod(shared, 0o1777)
+    conf, _ = peer_config(fed["net"], "client", "sticky-site", CLI)
+    t = Tunnel(CLI, conf, "-L", "29600=10.220.0.2:9001", name="sticky", status_dir=shared)
+    try:
+        t.wait_ready()
+        pid = t.proc.pid
+        # the names a predictable writer would use next, made by the other user first
+        for name in (f"sticky.status.tmp{pid}", f".sticky.status.tmp{pid}"):
+            as_user(
+                OTHER,
+                "import json, os, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT, 0o666);"
+                " os.fchmod(fd, 0o666); print(json.dumps({}))",
+                shared / name,
+            )
+        before = t.counters()["updated_at"]
+        _wait(lambda: t.counters()["updated_at"] > before + 1.5, 10, "two status rewrites")
+        st = t.status.stat()
+        assert st.st_uid == pwd.getpwnam(CLI).pw_uid, "another user owns the tunnel's status file"
+        assert st.st_mode & 0o777 == 0o600
+    finally:
+        t.stop()
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+@pytest.mark.timeout(90)
+def test_tunnel_run_as_root_refuses_a_client_that_already_closed(fed):
+    """#9: a client that connects, sends and closes before the tunnel looks at it leaves a
+    socket the kernel lists with uid 0 (orphan / TIME_WAIT). A tunnel run as root must not take
+    that for its own: the owner is not proven, the connection is refused."""
+    conf, _ = peer_config(fed["net"], "client", "root-site", "root")
+    t = Tunnel("root", conf, "-L", f"29300={fed['srv_ip']}:9001", name="rootfwd")
+    try:
+        t.wait_ready()
+        os.kill(t.proc.pid, signal.SIGSTOP)  # the kernel still accepts into the backlog
+        try:
+            assert as_user(OTHER, CONNECT_SEND_CLOSE, 29300)["sent"]
+            time.sleep(0.5)  # the client's socket is closed: orphaned, then TIME_WAIT
+        finally:
+            os.kill(t.proc.pid, signal.SIGCONT)
+        c = _wait(
+            lambda: (lambda c: c if c["connections_refused"] + c["connections_total"] else None)(
+                t.counters()
+            ),
+            10,
+            "the tunnel to handle the connection",
+        )
+        assert (c["connections_refused"], c["connections_total"]) == (1, 0), t.output()
+        assert "refused connection" in t.output()
+        # root's own connections still work
+        proc = run([sys.executable, "-c", PROBE, "29300"], timeout=30)
+        assert json.loads(proc.stdout)["data"] == "hello"
+    finally:
+        t.stop()
+
+
+def test_bad_timer_values_are_one_line_exit_3(fed):
+    """#12: `--liveness 1e300` used to panic in Rust and end in a Python traceback."""
+    for flag, value in (("--liveness", "1e300"), ("--handshake-timeout", "nan")):
+        proc = hpcfed("tunnel", "up", "--config", fed["cli_conf"], flag, value, user=CLI)
+        assert proc.returncode == 3, proc.stderr
+        assert flag in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert "Traceback" not in proc.stderr and "panicked" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_tunnel_on_another_host_is_unknown_not_dead(fed):
+    """#12: read from a login node (another host name, same home), an in-job tunnel's pid
+    means nothing: status shows its host and "unknown" instead of calling it dead."""
+    t = Tunnel(
+        CLI,
+        fed["cli_conf"],
+        "-L",
+        "29700=10.220.0.2:9001",
+        "--handshake-timeout",
+        "60",
+        name="elsewhere",
+        prefix=("unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', "jobnode-7"),
+    )
+    try:
+        _wait(lambda: t.status.exists(), 15, "the status file")
+        proc = hpcfed("tunnel", "status", "--status-file", str(t.status), "--json", user=CLI)
+        st = json.loads(proc.stdout)
+        assert (st["state"], st["host"]) == ("unknown", "jobnode-7"), st
+        table = hpcfed("tunnel", "status", "--status-file", str(t.status), user=CLI).stdout
+        assert "jobnode-7" in table and "unknown" in table
+    finally:
+        t.stop()
+
+
+@pytest.mark.timeout(60)
+def test_configs_with_the_same_file_name_keep_separate_status(fed, tmp_path):
+    """#12: every hub peer file is wg.conf; two tunnels of two such configs must not share a
+    status file (it is keyed by the config's full path)."""
+    home = Path(pwd.getpwnam(CLI).pw_dir)
+    state = home / f"state-{uuid.uuid4().hex[:6]}"
+    confs = []
+    for site in ("site-a", "site-b"):
+        d = home / f"{site}-{uuid.uuid4().hex[:6]}"
+        d.mkdir()
+        shutil.copy(fed["cli_conf"], d / "wg.conf")
+        os.chmod(d / "wg.conf", 0o600)
+        subprocess.run(["chown", "-R", f"{CLI}:{CLI}", str(d)], check=True)
+        confs.append(str(d / "wg.conf"))
+    env = {"XDG_STATE_HOME": str(state)}
+    tunnels = [
+        Tunnel(
+            CLI,
+            c,
+            "-L",
+            f"{29800 + i}=10.220.0.2:9001",
+            "--handshake-timeout",
+            "60",
+            name=f"same{i}",
+            status=False,
+            env=env,
+        )
+        for i, c in enumerate(confs)
+    ]
+    try:
+
+        def listed():
+            rows = json.loads(hpcfed("tunnel", "status", "--json", user=CLI, env=env).stdout)
+            return rows if len(rows) == 2 else None
+
+        rows = _wait(listed, 15, "two status rows")
+        assert sorted(r["config"] for r in rows) == sorted(confs)
+        assert len({r["status_file"] for r in rows}) == 2
+    finally:
+        for t in tunnels:
+            t.stop()
+
+
+@pytest.mark.timeout(120)
+def test_hub_forwards_only_what_the_federation_needs(fed):
+    """#12: the hub routes peer -> server, not client -> client nor peer -> the hub's own
+    services. A second client site exposes a port with -R; the first client cannot reach it,
+    nor a service listening on the hub; the server stays reachable."""
+    net = fed["net"]
+    conf2, ip2 = peer_config(net, "client", "site2", OTHER)
+    site2 = Tunnel(OTHER, conf2, "-R", f"9100=127.0.0.1:{ECHO_PORT}", name="site2")
+    hub_service = subprocess.Popen(
+        [
+            "ip",
+            "netns",
+            "exec",
+            net.ns,
+            sys.executable,
+            "-c",
+            "import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+            " s.bind(('0.0.0.0', 9200)); s.listen(8)\nwhile True:\n c, _ = s.accept(); c.sendall(b'hub'); c.close()",
+        ],
+        start_new_session=True,
+    )
+    probe_conf, _ = peer_config(net, "client", "policy-probe", CLI)
+    probe = Tunnel(
+        CLI,
+        probe_conf,
+        "-L",
+        f"29401={ip2}:9100",
+        "-L",
+        "29402=10.220.0.1:9200",
+        "-L",
+        f"29403={fed['srv_ip']}:9001",
+        name="policy",
+    )
+    try:
+        site2.wait_ready()
+        probe.wait_ready()
+        assert as_user(CLI, PROBE, 29403)["data"] == "hello", "the server must stay reachable"
+        assert not as_user(CLI, PROBE, 29401).get("data"), "a client reached another client"
+        assert not as_user(CLI, PROBE, 29402).get("data"), "a peer reached a service on the hub"
+    finally:
+        probe.stop()
+        site2.stop()
+        os.killpg(hub_service.pid, signal.SIGKILL)
+        hub_service.wait()
+
+
+HOLD = r"""
+import json, socket, sys, time
+socks = [socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) for _ in range(int(sys.argv[2]))]
+for s in socks:
+    s.sendall(b"x"); assert s.recv(1) == b"x"
+print(json.dumps({"open": len(socks)}), flush=True)
+sys.stdin.read()  # hold them until told
+"""
+
+
+@pytest.mark.timeout(120)
+def test_remote_forward_connection_cap(fed):
+    """#12: `-R` has a cap (--max-connections): connections beyond it are reset and counted;
+    when one closes, a new one gets through."""
+    net = fed["net"]
+    conf, ip = peer_config(net, "server", "capped", SRV)
+    srv = Tunnel(
+        SRV, conf, "-R", f"9300=127.0.0.1:{ECHO_PORT}", "--max-connections", "3", name="capped"
+    )
+    cli_conf, _ = peer_config(net, "client", "cap-client", CLI)
+    cli = Tunnel(CLI, cli_conf, "-L", f"29501={ip}:9300", name="capcli")
+    holder = None
+    try:
+        srv.wait_ready()
+        cli.wait_ready()
+        holder = subprocess.Popen(
+            ["runuser", "-u", CLI, "--", sys.executable, "-c", HOLD, "29501", "3"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert json.loads(holder.stdout.readline())["open"] == 3
+        assert not as_user(CLI, PROBE, 29501).get("data"), "a 4th connection got through"
+        _wait(lambda: srv.counters()["connections_over_limit"] >= 1, 5, "the over-limit count")
+        holder.stdin.close()
+        holder.wait(10)
+        _wait(lambda: as_user(CLI, PROBE, 29501).get("data") == "hello", 20, "room again")
+    finally:
+        if holder and holder.poll() is None:
+            holder.kill()
+        cli.stop()
+        srv.stop()
+
+
+SEQUENTIAL = r"""
+import json, socket, sys, threading, time
+port, total, workers = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+held = socket.create_connection(("127.0.0.1", port), timeout=30)
+held.sendall(b"a"); assert held.recv(1) == b"a"
+failures, done = [], [0]
+def work(n):
+    for i in range(n):
+        try:
+            c = socket.create_connection(("127.0.0.1", port), timeout=30)
+            c.sendall(b"z"); ok = c.recv(1) == b"z"; c.close()
+            if not ok: failures.append(i)
+        except OSError as e:
+            failures.append(repr(e))
+        done[0] += 1
+t0 = time.monotonic()
+ts = [threading.Thread(target=work, args=(total // workers,)) for _ in range(workers)]
+[t.start() for t in ts]; [t.join() for t in ts]
+held.sendall(b"b")
+still = held.recv(1) == b"b"
+print(json.dumps({"done": done[0], "failures": failures[:5], "nfail": len(failures), "held_ok": still, "seconds": time.monotonic() - t0}))
+"""
+
+
+@pytest.mark.timeout(900)
+def test_many_sequential_connections_never_reuse_a_live_local_port(fed):
+    """#12 / issue 16: local tunnel ports used to wrap after 20,000 connections with no in-use
+    check, so connection 20,000 took the port of one still open. 100,000 connections (4 at a
+    time, each a full connect/echo/close) while one connection stays open: all succeed and the
+    open one still works."""
+    total = int(os.environ.get("HPCFED_TEST_SEQUENTIAL", "100000"))
+    v = as_user(CLI, SEQUENTIAL, ECHO_FWD, total, 4, timeout=880)
+    assert v["done"] == total and v["nfail"] == 0, v
+    assert v["held_ok"], "the long-lived connection broke: its local port was reused"

@@ -82,6 +82,13 @@ def tunnel():
     type=click.IntRange(16, 16384),
     help="TCP buffer per connection and direction.",
 )
+@click.option(
+    "--max-connections",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Connections open at once through the -R forwards; more are reset.",
+)
 def up(
     config_path,
     local,
@@ -92,6 +99,7 @@ def up(
     liveness,
     allow_other_users,
     buffer_kib,
+    max_connections,
 ):
     """Run the tunnel in the foreground until SIGTERM/SIGINT.
 
@@ -110,7 +118,13 @@ def up(
     lf = [forwards.parse_local(s) for s in local]
     rf = [forwards.parse_remote(s) for s in remote]
     opts = runner.RunOptions(
-        ready_file, status_file, handshake_timeout, liveness, allow_other_users, buffer_kib
+        ready_file,
+        status_file,
+        handshake_timeout,
+        liveness,
+        allow_other_users,
+        buffer_kib,
+        max_connections,
     )
     runner.run(cfg, lf, rf, opts)
 
@@ -142,7 +156,8 @@ def status(status_file, as_json):
             table(
                 [
                     (
-                        Path(i["status_file"]).stem,
+                        i.get("config") or Path(i["status_file"]).stem,
+                        i.get("host", "-"),
                         i["state"],
                         i["address"],
                         i["endpoint"],
@@ -159,7 +174,8 @@ def status(status_file, as_json):
                     for i in items
                 ],
                 [
-                    "NAME",
+                    "CONFIG",
+                    "HOST",
                     "STATE",
                     "ADDRESS",
                     "HUB",

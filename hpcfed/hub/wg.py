@@ -6,13 +6,14 @@ WireGuard is used when the kernel has it; otherwise wireguard-go (userspace, nee
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
 from typing import Optional, Sequence
 
 from hpcfed.errors import EnvironmentProblem
-from hpcfed.hub.registry import HUB_ADDRESS, Hub, Peer
+from hpcfed.hub.registry import HUB_ADDRESS, PREFIXES, Hub, Peer
 
 
 def _run(
@@ -59,10 +60,64 @@ def up(hub: Hub, private_key: str, peers: Sequence[Peer], userspace: bool = Fals
     if str(HUB_ADDRESS) not in addrs:
         _run(["ip", "addr", "add", str(HUB_ADDRESS), "dev", hub.interface])
     _run(["ip", "link", "set", hub.interface, "up"])
-    # The hub routes between peers: packets from one peer leave again through the same interface.
+    # The hub routes between peers: packets from one peer leave again through the same
+    # interface. The policy first, so forwarding is never on without it.
+    apply_policy(hub.interface)
     Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     sync(hub, peers)
     return impl
+
+
+def _table(interface: str) -> str:
+    return "hpcfed_" + re.sub(r"[^A-Za-z0-9_]", "_", interface)
+
+
+def policy_rules(interface: str) -> str:
+    """nftables rules for the hub: what a federation needs and nothing else.
+
+    - any peer may open connections to a *server* address (clients and admins reach the FL
+      server's forwards); replies flow back (connection tracking);
+    - peers may not open connections to clients or admins (one site cannot reach another) nor
+      to the hub itself (only ping), and nothing from the hub's other networks enters the
+      tunnel network.
+    TCP segments from servers that do not open a connection pass without connection tracking:
+    a busy transfer must not stall on a segment conntrack's window check calls invalid.
+    """
+    servers = PREFIXES["server"]
+    return f"""table inet {_table(interface)} {{}}
+delete table inet {_table(interface)}
+table inet {_table(interface)} {{
+  chain forward {{
+    type filter hook forward priority 0; policy accept;
+    iifname "{interface}" ct state established,related accept
+    iifname "{interface}" oifname "{interface}" ip daddr {servers} ip daddr != {HUB_ADDRESS.ip} accept
+    iifname "{interface}" oifname "{interface}" ip saddr {servers} tcp flags & (syn | ack) != syn accept
+    iifname "{interface}" counter drop
+    oifname "{interface}" ct state established,related accept
+    oifname "{interface}" counter drop
+  }}
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname "{interface}" ct state established,related accept
+    iifname "{interface}" icmp type echo-request accept
+    iifname "{interface}" counter drop
+  }}
+}}
+"""
+
+
+def apply_policy(interface: str) -> None:
+    if shutil.which("nft") is None:
+        raise EnvironmentProblem(
+            "`nft` is not installed: the hub needs nftables for its forwarding policy "
+            "(apt-get install nftables)"
+        )
+    _run(["nft", "-f", "-"], input=policy_rules(interface))
+
+
+def remove_policy(interface: str) -> None:
+    if shutil.which("nft") is not None:
+        _run(["nft", "delete", "table", "inet", _table(interface)], check=False)
 
 
 def _create(interface: str, userspace: bool) -> str:
@@ -82,6 +137,7 @@ def down(interface: str) -> bool:
     if not is_live(interface):
         return False
     _run(["ip", "link", "del", interface])
+    remove_policy(interface)
     return True
 
 

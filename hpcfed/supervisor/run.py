@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 from hpcfed.errors import ConfigError, GpuPreflightFailed, HpcfedError, KitError, TunnelError
 from hpcfed.frameworks import LOCAL_BIND, fill_local_ports
 from hpcfed.frameworks import role as role_of_framework
-from hpcfed.paths import hpcfed_command
 from hpcfed.plan import Plan
+from hpcfed.tunnel import job as tunnel_job
 
 EXIT_PREFLIGHT = 10
 EXIT_TUNNEL = 9
@@ -49,7 +49,7 @@ class Supervisor:
         self.job_id = os.environ.get("SLURM_JOB_ID", "nojob")
         self.restart = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
         self.role: Optional[subprocess.Popen] = None
-        self.tunnel: Optional[subprocess.Popen] = None
+        self.tunnel: Optional[tunnel_job.TunnelChild] = None
         self.preflight_report: Optional[dict] = None
         self.stop_reason: Optional[str] = None
         self.stop_signal: Optional[int] = None
@@ -100,30 +100,20 @@ class Supervisor:
         log(f"GPU preflight passed: {json.dumps(report, sort_keys=True, default=str)}")
         return report
 
-    # (2) tunnel
+    # (2) tunnel (hpcfed.tunnel.job holds the how; the plan holds the forwards)
     def start_tunnel(self) -> None:
         t = self.plan.tunnel
         if t is None:
             return
-        ready = self.workdir / f"tunnel-{self.job_id}.ready"
-        ready.unlink(missing_ok=True)
-        argv = hpcfed_command() + ["tunnel", "up", "--config", t.config]
-        for f in t.local_forwards:
-            argv += ["-L", f]
-        for f in t.remote_forwards:
-            argv += ["-R", f]
-        argv += ["--ready-file", str(ready)]
+        ready = str(self.workdir / f"tunnel-{self.job_id}.ready")
+        argv = tunnel_job.tunnel_argv(
+            t.config, t.local_forwards, t.remote_forwards, ready, t.ready_timeout
+        )
         log(f"starting tunnel: {' '.join(argv[1:])}")
-        self.tunnel = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + t.ready_timeout
-        while not ready.exists():
-            code = self.tunnel.poll()
-            if code is not None:
-                raise TunnelError(f"tunnel exited with code {code} before it was ready (see above)")
-            if time.monotonic() > deadline:
-                raise TunnelError(f"tunnel not ready after {t.ready_timeout}s")
-            time.sleep(0.2)
-        log("tunnel is up")
+        self.tunnel = tunnel_job.TunnelChild.start(argv, ready)
+        self.tunnel.wait_ready(t.ready_timeout, stopping=lambda: self.stop_reason is not None)
+        if self.stop_reason is None:
+            log("tunnel is up")
 
     # (3) workspace
     def workspace(self) -> Path:
@@ -192,9 +182,7 @@ class Supervisor:
         if t is None or not t.hosts:
             return None
         path = self.workdir / f"hosts-{self.job_id}"
-        lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost"]
-        lines += [f"{address} {name}" for name, address in t.hosts]
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(tunnel_job.hosts_text(t.hosts))
         log("container /etc/hosts: " + ", ".join(f"{n} -> {a}" for n, a in t.hosts))
         return str(path)
 
@@ -374,13 +362,8 @@ class Supervisor:
             return False
 
     def stop_tunnel(self) -> None:
-        if self.tunnel is None or self.tunnel.poll() is not None:
-            return
-        self.tunnel.terminate()
-        try:
-            self.tunnel.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.tunnel.kill()
+        if self.tunnel is not None:
+            self.tunnel.stop()
 
     # (6) report
     def report(self, code: int, reason: str) -> None:
@@ -439,8 +422,8 @@ class Supervisor:
                     if self.stop_reason:
                         self.stop_role()
                         break
-                    if self.tunnel is not None and self.tunnel.poll() is not None:
-                        log(f"tunnel exited with code {self.tunnel.returncode}; stopping the role")
+                    if self.tunnel is not None and self.tunnel.exited() is not None:
+                        log(f"tunnel exited ({self.tunnel.reason()}); stopping the role")
                         self.stop_reason = "tunnel lost"
                         self.stop_role()
                         break

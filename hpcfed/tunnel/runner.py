@@ -3,8 +3,10 @@ SIGTERM/SIGINT, turn data-plane failures into TunnelError (exit 9)."""
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
+import math
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,11 @@ class RunOptions:
     liveness: float = 60.0
     allow_other_users: bool = False
     buffer_kib: int = 256
+    max_connections: int = 1024
+
+
+# Longest timer the data plane accepts (seconds; its Duration arithmetic overflows beyond).
+MAX_SECONDS = 1e9
 
 
 def status_dir() -> Path:
@@ -32,7 +39,11 @@ def status_dir() -> Path:
 
 
 def default_status_file(cfg: TunnelConfig) -> str:
-    return str(status_dir() / (Path(cfg.path).stem + ".json"))
+    """One status file per config *path*: every hub peer file is called wg.conf, so the name
+    alone would make tunnels of different configs overwrite each other's status."""
+    path = Path(cfg.path).resolve()
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return str(status_dir() / f"{path.stem}-{digest}.json")
 
 
 def build_spec(
@@ -53,8 +64,12 @@ def build_spec(
         ("--handshake-timeout", opts.handshake_timeout),
         ("--liveness", opts.liveness),
     ):
-        if value <= 0:
-            raise ConfigError(f"{name} must be positive, got {value}")
+        if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
+            raise ConfigError(
+                f"{name} must be a number of seconds from 0 to {MAX_SECONDS:g}, got {value}"
+            )
+    if opts.max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {opts.max_connections}")
     for path in (opts.ready_file, opts.status_file):
         if path and not Path(path).resolve().parent.is_dir():
             raise ConfigError(f"{path}: its directory does not exist")
@@ -72,10 +87,12 @@ def build_spec(
         "remote_forwards": [as_dict(f) for f in remote],
         "ready_file": opts.ready_file,
         "status_file": opts.status_file,
+        "config": str(Path(cfg.path).resolve()),
         "handshake_timeout": float(opts.handshake_timeout),
         "liveness": float(opts.liveness),
         "allow_other_users": bool(opts.allow_other_users),
         "buffer_kib": int(opts.buffer_kib),
+        "max_connections": int(opts.max_connections),
     }
 
 

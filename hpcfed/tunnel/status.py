@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Optional
@@ -25,8 +26,15 @@ def _alive(pid: int) -> bool:
 def read(path: Path) -> dict:
     data = json.loads(path.read_text())
     data["status_file"] = str(path)
-    if data.get("state") != "stopped" and not _alive(int(data.get("pid", 0))):
-        data["state"] = "dead"  # the process vanished without cleaning up (killed, node lost)
+    host, here = data.get("host"), socket.gethostname()
+    if data.get("state") != "stopped":
+        if host and host != here:
+            # a tunnel in a job on a compute node, read from a login node through the shared
+            # home: its pid means nothing here, so say so instead of guessing "dead"
+            data["state"] = "unknown"
+            data["note"] = f"runs on {host}; cannot check its process from {here}"
+        elif not _alive(int(data.get("pid", 0))):
+            data["state"] = "dead"  # the process vanished without cleaning up (killed)
     age = time.time() - float(data.get("updated_at", 0))
     data["status_age_s"] = round(age, 1)
     if data.get("last_handshake_age_s") is not None and data["state"] in ("up", "connecting"):
