@@ -316,7 +316,20 @@ fn debug_dump(shared: &Shared) {
     }
 }
 
+/// Every forwarded connection holds a local socket: raise the soft open-file limit to the hard
+/// one (often 1024 -> 1M), or a busy forward fails at ~1,000 connections.
+fn raise_nofile_limit() {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
 pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>) -> Result<(), Stop> {
+    raise_nofile_limit();
     let mut wire = Wire::open(&spec).await?;
     let shared = open_stack(&spec).await?;
     let status = StatusFile::new(&spec);
