@@ -224,3 +224,21 @@ def test_timer_values_the_data_plane_cannot_hold(tmp_path, flag, value):
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("\n") == 1 and flag in proc.stderr
     assert "Traceback" not in proc.stderr and "panic" not in proc.stderr
+
+
+def test_job_wait_ready_on_a_plain_child(tmp_path):
+    """wait_ready also serves callers that start the child themselves (the Flower console)."""
+    import subprocess
+
+    from hpcfed.errors import TunnelError
+    from hpcfed.tunnel import job
+
+    conf = tmp_path / "site.conf"
+    conf.write_text(GOOD.replace("hub.example.org:51820", "127.0.0.1:9"))
+    os.chmod(conf, 0o600)
+    ready = str(tmp_path / "ready")
+    argv = job.tunnel_argv(str(conf), ("39997=10.220.0.2:39997",), (), ready, 3)
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    with pytest.raises(TunnelError, match="^no UDP egress to the hub 127.0.0.1:9"):
+        job.wait_ready(proc, ready, timeout=20)
+    assert proc.wait() == 9

@@ -57,6 +57,39 @@ def hosts_text(hosts: Sequence[tuple[str, str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _last_stderr_line(proc: subprocess.Popen) -> str:
+    err = proc.stderr.read() if proc.stderr else ""
+    if isinstance(err, bytes):
+        err = err.decode(errors="replace")
+    lines = [line.strip() for line in err.splitlines() if line.strip()]
+    line = lines[-1] if lines else f"the tunnel exited with code {proc.returncode}"
+    return line.removeprefix("hpcfed: error: ")
+
+
+def wait_ready(
+    proc: subprocess.Popen,
+    ready_file: str,
+    timeout: float,
+    poll: float = 0.05,
+    reason: Optional[Callable[[], str]] = None,
+    stopping: Callable[[], bool] = lambda: False,
+) -> None:
+    """Block until the tunnel child `proc` wrote `ready_file`; TunnelError with the child's own
+    reason (its last stderr line) if it exits first, or when `timeout` passes. Returns early
+    when `stopping()` turns true."""
+    deadline = time.monotonic() + timeout
+    path = Path(ready_file)
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise TunnelError(reason() if reason else _last_stderr_line(proc))
+        if stopping():
+            return
+        time.sleep(poll)
+    raise TunnelError(f"the tunnel was not ready within {timeout:g}s (no {ready_file})")
+
+
 class TunnelChild:
     """A running `hpcfed tunnel up`: its stderr is relayed to ours (the job log) line by line,
     and the last line is kept to say why it stopped."""
@@ -97,19 +130,7 @@ class TunnelChild:
     def wait_ready(
         self, timeout: float, poll: float = 0.05, stopping: Callable[[], bool] = lambda: False
     ) -> None:
-        """Block until the ready file exists; TunnelError with the child's reason if it exits
-        first, or when `timeout` passes. Returns early when `stopping()` turns true."""
-        deadline = time.monotonic() + timeout
-        path = Path(self.ready_file)
-        while time.monotonic() < deadline:
-            if path.exists():
-                return
-            if self.proc.poll() is not None:
-                raise TunnelError(self.reason())
-            if stopping():
-                return
-            time.sleep(poll)
-        raise TunnelError(f"the tunnel was not ready within {timeout:g}s (no {self.ready_file})")
+        wait_ready(self.proc, self.ready_file, timeout, poll, reason=self.reason, stopping=stopping)
 
     def exited(self) -> Optional[int]:
         return self.proc.poll()
