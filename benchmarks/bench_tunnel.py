@@ -1,12 +1,19 @@
-"""Tunnel throughput, CPU per GB and connection setup, side by side on one machine.
+"""hpcfed's userspace tunnel vs wireguard-go TUN peers, through the same hub, in one run.
 
-  1. hpcfed tunnel: client (-L) -> wireguard-go hub in a netns -> server (-R), two non-root users
+Paths (both through one wireguard-go hub in a network namespace, interleaved run by run):
+  1. hpcfed tunnel: client (-L) -> hub -> server (-R), two non-root users, no TUN device
   2. TUN-based WireGuard: two wireguard-go peers, each in its own netns with a TUN device (what
-     needs root/NET_ADMIN in a job), through the same hub
-  3. plain loopback TCP (the ceiling)
+     needs root/NET_ADMIN in a job)
+  plus plain loopback TCP once (the ceiling).
 
-Run as root:  /opt/hpcfed/venv/bin/python benchmarks/bench_tunnel.py [--mib 512]
-Writes benchmarks/results/tunnel.md with the machine description.
+Per run and path: throughput of one bulk transfer, CPU-seconds per GiB of the two peers and of
+the hub, datagrams per MiB the client peer sends (data direction) and the server peer sends
+back (ACKs), bytes per data datagram, wire bytes per payload byte (headers + retransmissions),
+and the median connect + 1-byte round trip of `--probes` new connections.
+Reported: median and min-max over `--runs` runs (>= 5).
+
+Run as root:  /opt/hpcfed/venv/bin/python benchmarks/bench_tunnel.py [--mib 256] [--runs 5]
+Writes benchmarks/results/tunnel.md (+ tunnel.png with matplotlib) with the machine.
 """
 
 from __future__ import annotations
@@ -14,8 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -23,6 +30,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path.insert(0, str(HERE.parent))
 
 from test_tunnel_wireguard import (  # noqa: E402
     CLI,
@@ -34,6 +42,7 @@ from test_tunnel_wireguard import (  # noqa: E402
     peer_config,
 )
 
+from benchmarks.machine import describe  # noqa: E402
 from hpcfed.tunnel import keys  # noqa: E402
 
 SINK = r"""
@@ -58,20 +67,21 @@ SEND = r"""
 import json, socket, sys, time
 host, port, mib, probes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 block = b"x" * (1 << 20)
-c = socket.create_connection((host, port), timeout=300)
-t = time.monotonic()
-for _ in range(mib): c.sendall(block)
-c.shutdown(socket.SHUT_WR)
-n = int(c.recv(64)); secs = time.monotonic() - t
-assert n == mib << 20, n
+secs = None
+if mib:
+    c = socket.create_connection((host, port), timeout=300)
+    t = time.monotonic()
+    for _ in range(mib): c.sendall(block)
+    c.shutdown(socket.SHUT_WR)
+    n = int(c.recv(64)); secs = time.monotonic() - t
+    assert n == mib << 20, n
 lat = []
 for _ in range(probes):
     t0 = time.monotonic()
     p = socket.create_connection((host, port), timeout=30); p.sendall(b"p"); assert p.recv(1) == b"p"; p.close()
     lat.append((time.monotonic() - t0) * 1000)
-lat.sort()
-print(json.dumps({"seconds": secs, "mbit": mib * 8 * 1.048576 / secs, "setup_ms_median": lat[len(lat)//2], "setup_ms_p90": lat[int(len(lat)*0.9)]}))
-"""
+print(json.dumps({"seconds": secs, "rtt_ms": statistics.median(lat) if lat else None}))
+""".replace("import json,", "import statistics, json,")
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -92,30 +102,63 @@ def pids_of(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-def measure(
-    prefix: list[str],
-    host: str,
-    port: int,
-    mib: int,
-    probes: int,
-    cpu_pids: list[int],
-    peer_pids: list[int] = (),
-) -> dict:
-    before = cpu_seconds(cpu_pids)
-    before_peers = cpu_seconds(list(peer_pids))
-    proc = subprocess.run(
-        prefix + [sys.executable, "-c", SEND, host, str(port), str(mib), str(probes)],
+def link_stats(ns: str, dev: str) -> dict:
+    """Packet and byte counters of an interface in a namespace."""
+    out = subprocess.run(
+        ["ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev],
         capture_output=True,
         text=True,
-        timeout=1800,
-    )
-    assert proc.returncode == 0, proc.stderr
-    r = json.loads(proc.stdout)
-    r["cpu_s_per_gb"] = (cpu_seconds(cpu_pids) - before) / (mib / 1024) if cpu_pids else None
-    r["peers_cpu_s_per_gb"] = (
-        (cpu_seconds(list(peer_pids)) - before_peers) / (mib / 1024) if peer_pids else None
-    )
-    return r
+        check=True,
+    ).stdout
+    st = json.loads(out)[0]["stats64"]
+    return {
+        "tx_packets": st["tx"]["packets"],
+        "tx_bytes": st["tx"]["bytes"],
+        "rx_packets": st["rx"]["packets"],
+        "rx_bytes": st["rx"]["bytes"],
+    }
+
+
+class Path_:
+    """One way from a client to the sink: how to run the sender there, and its counters."""
+
+    def __init__(self, name, prefix, host, port, peer_pids, client_counters, server_counters):
+        self.name, self.prefix, self.host, self.port = name, prefix, host, port
+        self.peer_pids = peer_pids
+        self.client_counters = client_counters  # -> {"tx_packets", "tx_bytes"} of the client peer
+        self.server_counters = server_counters  # -> {"tx_packets"} of the server peer
+
+    def send(self, mib: int, probes: int) -> dict:
+        proc = subprocess.run(
+            self.prefix
+            + [sys.executable, "-c", SEND, self.host, str(self.port), str(mib), str(probes)],
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+
+def one_run(path: Path_, hub_pids: list[int], mib: int, probes: int) -> dict:
+    cpu_peers, cpu_hub = cpu_seconds(path.peer_pids), cpu_seconds(hub_pids)
+    c0, s0 = path.client_counters(), path.server_counters()
+    r = path.send(mib, 0)
+    time.sleep(1.2)  # the hpcfed tunnel's status file is rewritten every second
+    c1, s1 = path.client_counters(), path.server_counters()
+    gib = mib / 1024
+    data_pkts = c1["tx_packets"] - c0["tx_packets"]
+    out = {
+        "mbit": mib * 8 * 1.048576 / r["seconds"],
+        "peers_cpu_per_gib": (cpu_seconds(path.peer_pids) - cpu_peers) / gib,
+        "hub_cpu_per_gib": (cpu_seconds(hub_pids) - cpu_hub) / gib,
+        "data_pkts_per_mib": data_pkts / mib,
+        "ack_pkts_per_mib": (s1["tx_packets"] - s0["tx_packets"]) / mib,
+        "bytes_per_data_pkt": (c1["tx_bytes"] - c0["tx_bytes"]) / max(1, data_pkts),
+        "wire_per_payload": (c1["tx_bytes"] - c0["tx_bytes"]) / (mib << 20),
+    }
+    out["rtt_ms"] = path.send(0, probes)["rtt_ms"]
+    return out
 
 
 def tun_peer(net: HubNet, name: str, subnet: int, type_: str) -> tuple[str, str]:
@@ -179,36 +222,58 @@ def tun_peer(net: HubNet, name: str, subnet: int, type_: str) -> tuple[str, str]
     return ns, info["address"]
 
 
+def tunnel_counters(t: Tunnel):
+    def read() -> dict:
+        st = t.counters()
+        # WireGuard datagrams carry the IP packets; tx_bytes is their payload (IP packets)
+        return {"tx_packets": st["tx_datagrams"], "tx_bytes": st["tx_bytes"]}
+
+    return read
+
+
+def wg_counters(ns: str, dev: str):
+    return lambda: link_stats(ns, dev)
+
+
+METRICS = [
+    ("mbit", "throughput (Mbit/s)", "{:.0f}"),
+    ("peers_cpu_per_gib", "both peers' CPU s per GiB", "{:.1f}"),
+    ("hub_cpu_per_gib", "hub CPU s per GiB", "{:.1f}"),
+    ("rtt_ms", "connect + 1-byte RTT (ms)", "{:.2f}"),
+    ("data_pkts_per_mib", "data packets per MiB (client -> hub)", "{:.0f}"),
+    ("ack_pkts_per_mib", "ACK packets per MiB (server -> hub)", "{:.0f}"),
+    ("bytes_per_data_pkt", "IP bytes per data packet", "{:.0f}"),
+    ("wire_per_payload", "IP bytes sent per payload byte", "{:.3f}"),
+]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--mib", type=int, default=512, help="MiB per throughput run (default 512)")
-    ap.add_argument("--probes", type=int, default=50, help="connection setups to time per path")
+    ap.add_argument("--mib", type=int, default=256, help="MiB per throughput run (default 256)")
+    ap.add_argument("--runs", type=int, default=5, help="runs per path, interleaved (>= 5)")
+    ap.add_argument("--probes", type=int, default=50, help="connection setups timed per run")
     ap.add_argument("--buffer-kib", default="256", help="hpcfed tunnel's --buffer-kib")
-    ap.add_argument("--skip-tun", action="store_true", help="only loopback and the hpcfed tunnel")
     args = ap.parse_args()
     need_hub_tools()
     for u in (SRV, CLI):
         _ensure_user(u)
     net = HubNet("bench", 57)
     procs, tunnels, namespaces = [], [], []
-    results = {}
+    results: dict[str, list[dict]] = {}
+    loopback = None
     try:
         net.create()
         net.hub("init", "--endpoint", net.endpoint, "--interface", net.iface)
         net.hub("up", "--userspace")
         hub_pids = pids_of(f"wireguard-go {net.iface}")
 
-        # 3. plain loopback
         procs.append(
             subprocess.Popen(
                 [sys.executable, "-c", SINK, "127.0.0.1", "39500"], start_new_session=True
             )
         )
-        time.sleep(0.5)
-        results["loopback TCP"] = measure([], "127.0.0.1", 39500, args.mib * 4, args.probes, [])
-
         # 1. hpcfed tunnel
         srv_conf, srv_ip = peer_config(net, "server", "bench-srv", SRV)
         cli_conf, _ = peer_config(net, "client", "bench-cli", CLI)
@@ -239,25 +304,16 @@ def main() -> None:
         tunnels += [server, client]
         server.wait_ready()
         client.wait_ready()
-        tpids = [server.proc.pid, client.proc.pid]
-        r = measure(
+        hpcfed_path = Path_(
+            "hpcfed tunnel (userspace, -L/-R)",
             ["runuser", "-u", CLI, "--"],
             "127.0.0.1",
             39502,
-            args.mib,
-            args.probes,
-            tpids + hub_pids,
-            tpids,
+            [server.proc.pid, client.proc.pid],
+            tunnel_counters(client),
+            tunnel_counters(server),
         )
-        time.sleep(1.5)
-        st = json.loads(client.status.read_text())
-        r["wire_ratio"] = st["tx_bytes"] / (args.mib << 20)
-        print("client tunnel tx/payload:", round(r["wire_ratio"], 3), file=sys.stderr)
-        results["hpcfed tunnel (userspace, -L/-R)"] = r
-
         # 2. TUN-based wireguard-go peers
-        if args.skip_tun:
-            return
         ns_a, _ = tun_peer(net, "a", 58, "client")
         ns_b, ip_b = tun_peer(net, "b", 59, "server")
         namespaces += [ns_a, ns_b]
@@ -268,16 +324,25 @@ def main() -> None:
             )
         )
         time.sleep(1)
-        peer_pids = pids_of("wireguard-go wgb")
-        results["wireguard-go TUN peers (root, netns)"] = measure(
+        tun_path = Path_(
+            "wireguard-go TUN peers (root, netns)",
             ["ip", "netns", "exec", ns_a],
             ip_b,
             39503,
-            args.mib,
-            args.probes,
-            peer_pids + hub_pids,
-            peer_pids,
+            pids_of("wireguard-go wgb"),
+            wg_counters(ns_a, "wgba"),
+            wg_counters(ns_b, "wgbb"),
         )
+        time.sleep(0.5)
+        loopback = Path_("loopback TCP", [], "127.0.0.1", 39500, [], dict, dict).send(
+            args.mib * 4, args.probes
+        )
+        loopback["mbit"] = args.mib * 4 * 8 * 1.048576 / loopback["seconds"]
+        for i in range(args.runs):
+            for path in (hpcfed_path, tun_path):
+                r = one_run(path, hub_pids, args.mib, args.probes)
+                results.setdefault(path.name, []).append(r)
+                print(f"run {i + 1} {path.name}: {json.dumps(r)}", file=sys.stderr, flush=True)
     finally:
         for t in tunnels:
             t.stop()
@@ -296,41 +361,71 @@ def main() -> None:
                     subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         net.destroy()
-        write(results, args)
+    write(results, loopback, args)
 
 
-def write(results: dict, args) -> None:
-    cpu = next(
-        (
-            l.split(":", 1)[1].strip()
-            for l in Path("/proc/cpuinfo").read_text().splitlines()
-            if l.startswith("model name")
-        ),
-        "?",
-    )
+def summary(values: list[float], fmt: str) -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def write(results: dict[str, list[dict]], loopback: dict | None, args) -> None:
+    names = list(results)
     lines = [
-        "# Tunnel benchmark",
+        "# Tunnel benchmark: hpcfed's userspace tunnel vs wireguard-go TUN peers",
         "",
-        f"Machine: {os.cpu_count()} vCPU ({cpu}), {platform.system()} {platform.release()}, "
-        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB; shared with other work, so lower bounds.",
-        f"Run: `python benchmarks/bench_tunnel.py --mib {args.mib} --probes {args.probes}` "
-        f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
-        "Hub: Debian's wireguard-go in a network namespace (its UDP socket at the 208 KiB default).",
-        "CPU per GB: user+system seconds of the WireGuard processes (both peers + hub) per GiB moved.",
+        f"Machine: {describe()}; shared with other work, so read absolute numbers as lower bounds.",
+        f"Run: `python benchmarks/bench_tunnel.py --mib {args.mib} --runs {args.runs} "
+        f"--probes {args.probes}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+        "Both paths go through the same hub (Debian's wireguard-go in a network namespace, UDP "
+        "socket at the kernel default), one bulk TCP transfer of "
+        f"{args.mib} MiB client -> server per run, runs interleaved (hpcfed, TUN, hpcfed, ...). "
+        "Held equal: hub, machine, payload, MTU 1420, one connection. CPU: user+system seconds "
+        "of the processes per GiB moved. Packets: WireGuard datagrams the client peer sent (data) "
+        "and the server peer sent (ACKs); bytes per packet are IP bytes inside WireGuard.",
         "",
-        "| path | Mbit/s | CPU s per GiB (peers + hub) | of which the two peers | connect+1-byte RTT median / p90 (ms) |",
-        "|---|---|---|---|---|",
+        f"Median (min–max) of {args.runs} runs:",
+        "",
+        "| metric | " + " | ".join(names) + " | ratio (hpcfed / TUN, medians) |",
+        "|---|" + "---|" * (len(names) + 1),
     ]
-    for name, r in results.items():
-        cpu_s = "-" if r.get("cpu_s_per_gb") is None else f"{r['cpu_s_per_gb']:.1f}"
-        peers = "-" if r.get("peers_cpu_s_per_gb") is None else f"{r['peers_cpu_s_per_gb']:.1f}"
-        lines.append(
-            f"| {name} | {r['mbit']:.0f} | {cpu_s} | {peers} | {r['setup_ms_median']:.2f} / {r['setup_ms_p90']:.2f} |"
-        )
+    for key, label, fmt in METRICS:
+        cells = [summary([r[key] for r in results[n]], fmt) for n in names]
+        meds = [statistics.median([r[key] for r in results[n]]) for n in names]
+        ratio = f"{meds[0] / meds[1]:.2f}×" if len(meds) == 2 and meds[1] else "-"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {ratio} |")
+    if loopback:
+        lines += [
+            "",
+            f"Ceiling, plain loopback TCP (one run of {args.mib * 4} MiB): "
+            f"{loopback['mbit']:.0f} Mbit/s, connect + 1-byte RTT {loopback['rtt_ms']:.2f} ms.",
+        ]
     out = HERE / "results" / "tunnel.md"
     out.parent.mkdir(exist_ok=True)
+    raw = {n: results[n] for n in names}
+    lines += ["", "Raw runs (JSON):", "", "```", json.dumps(raw, indent=1), "```"]
     out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print("\n".join(lines[: 12 + len(METRICS)]))
+    plot(results, out.with_suffix(".png"))
+
+
+def plot(results: dict[str, list[dict]], out: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("(no matplotlib: no plot; pip install hpcfed[bench])", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys_ = ["mbit", "peers_cpu_per_gib", "hub_cpu_per_gib", "rtt_ms"]
+    fig, axes = plt.subplots(1, len(keys_), figsize=(14, 3.6))
+    for ax, key in zip(axes, keys_):
+        label = next(l for k, l, _ in METRICS if k == key)
+        data = [[r[key] for r in results[n]] for n in results]
+        ax.boxplot(data, labels=["hpcfed", "TUN peers"], showfliers=True)
+        ax.set_title(label, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ struct Wire {
     hub: SocketAddr,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
+    /// Datagrams sent to / received from the hub (packets per byte is what a hub pays for).
+    tx_datagrams: u64,
+    rx_datagrams: u64,
 }
 
 impl Wire {
@@ -57,7 +60,7 @@ impl Wire {
             .await
             .map_err(|e| Stop::Tunnel(format!("cannot open a UDP socket: {e}")))?;
         grow_buffers(&udp);
-        Ok(Wire { tunn, udp, hub, wbuf: vec![0u8; 65536 + 256], rbuf: vec![0u8; 65536 + 256] })
+        Ok(Wire { tunn, udp, hub, wbuf: vec![0u8; 65536 + 256], rbuf: vec![0u8; 65536 + 256], tx_datagrams: 0, rx_datagrams: 0 })
     }
 
     /// Start (or restart) the handshake now rather than on the first packet.
@@ -72,6 +75,7 @@ impl Wire {
         for p in packets {
             if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(&p, &mut self.wbuf) {
                 let _ = self.udp.send_to(d, self.hub).await;
+                self.tx_datagrams += 1;
             }
         }
     }
@@ -88,6 +92,7 @@ impl Wire {
         if from.ip() != self.hub.ip() {
             return false;
         }
+        self.rx_datagrams += 1;
         let mut input_len = n;
         let mut authentic = false;
         loop {
@@ -189,6 +194,8 @@ struct Status<'a> {
     last_handshake_age_s: Option<f64>,
     tx_bytes: usize,
     rx_bytes: usize,
+    tx_datagrams: u64,
+    rx_datagrams: u64,
     connections_active: u64,
     connections_total: u64,
     connections_refused: u64,
@@ -218,8 +225,8 @@ impl StatusFile {
         }
     }
 
-    fn render(&self, spec: &Spec, health: &Health, tunn: &Tunn, c: &Counters) -> Vec<u8> {
-        let (age, tx, rx, _, _) = tunn.stats();
+    fn render(&self, spec: &Spec, health: &Health, wire: &Wire, c: &Counters) -> Vec<u8> {
+        let (age, tx, rx, _, _) = wire.tunn.stats();
         let st = Status {
             pid: std::process::id(),
             host: &self.host,
@@ -233,6 +240,8 @@ impl StatusFile {
             last_handshake_age_s: age.map(|a| a.as_secs_f64()),
             tx_bytes: tx,
             rx_bytes: rx,
+            tx_datagrams: wire.tx_datagrams,
+            rx_datagrams: wire.rx_datagrams,
             connections_active: c.active,
             connections_total: c.total,
             connections_refused: c.refused,
@@ -282,12 +291,25 @@ async fn open_stack(spec: &Spec) -> Result<Shared, Stop> {
         shared.lock().add_listener(f.port, f.host.clone(), f.host_port);
     }
     for f in &spec.local_forwards {
-        let l = TcpListener::bind((f.bind.as_str(), f.port))
+        let l = listen(&f.bind, f.port)
             .await
             .map_err(|e| Stop::Tunnel(format!("cannot listen on {}:{} for -L: {e}", f.bind, f.port)))?;
         tokio::spawn(forward::serve_local(shared.clone(), l, f.clone(), spec.allow_other_users));
     }
     Ok(shared)
+}
+
+/// A -L listener with a deep accept queue: a burst of connections (1,000 at once) must wait
+/// for the accept loop, not overflow the kernel's queue and be reset (tokio's default is 1024).
+async fn listen(bind: &str, port: u16) -> std::io::Result<TcpListener> {
+    let addr = tokio::net::lookup_host((bind, port))
+        .await?
+        .next()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address"))?;
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(4096)
 }
 
 /// Run the stack once: packets to send, how long it may sleep, new inbound connections.
@@ -398,7 +420,7 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
                 debug_dump(&shared);
             }
             let counters = shared.lock().counters.clone();
-            status.write(&status.render(&spec, &health, &wire.tunn, &counters));
+            status.write(&status.render(&spec, &health, &wire, &counters));
         }
     };
     if let Some(rf) = &spec.ready_file {
@@ -482,10 +504,12 @@ mod tests {
     fn status_names_host_config_and_counters() {
         let spec = Spec::from_json(&crate::spec::tests::sample().to_string()).unwrap();
         let (h, _) = health();
-        let tunn = Tunn::new(StaticSecret::from([1u8; 32]), PublicKey::from([2u8; 32]), None, None, 1, None).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let Ok(wire) = rt.block_on(Wire::open(&spec)) else { panic!("cannot open the wire") };
         let c = Counters { active: 1, total: 7, refused: 2, over_limit: 3, failed: 0 };
         let s = StatusFile::new(&spec);
-        let v: serde_json::Value = serde_json::from_slice(&s.render(&spec, &h, &tunn, &c)).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&s.render(&spec, &h, &wire, &c)).unwrap();
+        assert_eq!(v["tx_datagrams"], 0);
         assert_eq!(v["host"], hostname());
         assert_eq!(v["config"], "/x/wg.conf");
         assert_eq!(v["state"], "connecting");

@@ -235,6 +235,7 @@ class Tunnel:
         self.ready = home / f"{name}.ready"
         self.status = (status_dir or home) / f"{name}.status"
         self.ready.unlink(missing_ok=True)
+        self.status.unlink(missing_ok=True)  # never read an earlier run's status
         self.log = open(tempfile.mktemp(prefix=f"tunnel-{user}-"), "w+")
         full_env = {**os.environ, **user_env(user), **(env or {})}
         become = (
@@ -798,7 +799,13 @@ def test_a_thousand_concurrent_connections(fed):
     """1,000 connections open at once through one client tunnel and one server tunnel, each
     echoing 16 KiB byte-exact (the tunnels raise their own open-file limit)."""
     verdict = as_user(CLI, RAISE_NOFILE + CONCURRENT, ECHO_FWD, 1000, 16 * 1024, timeout=280)
-    assert verdict["ok"] == 1000, (verdict, fed["client"].output()[-2000:])
+    assert verdict["ok"] == 1000, (
+        verdict,
+        fed["client"].counters(),
+        fed["server"].counters(),
+        fed["client"].output()[-1000:],
+        fed["server"].output()[-1000:],
+    )
 
 
 FLOOD = r"""
