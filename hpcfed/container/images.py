@@ -13,7 +13,7 @@ import os
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from hpcfed import frameworks
 from hpcfed.errors import ConfigError, EnvironmentProblem, HpcfedError, NotFound
@@ -153,7 +153,7 @@ def plan_build(
             f"--compression {compression!r}: expected one of {', '.join(COMPRESSIONS)}"
         )
     bootstrap, base_from = parse_base(base or DEFAULT_BASE)
-    args = {
+    args: Dict[str, Optional[str]] = {
         "BOOTSTRAP": bootstrap,
         "FROM": base_from,
         "BASE": base_reference(bootstrap, base_from),

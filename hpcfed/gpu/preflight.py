@@ -149,7 +149,7 @@ def _check_device(
             f"{ecc} uncorrected ECC error(s) since the driver loaded (threshold {ecc_threshold})"
         )
 
-    procs = []
+    procs: list[dict[str, Any]] = []
     for query in (
         nvml.nvmlDeviceGetComputeRunningProcesses,
         nvml.nvmlDeviceGetGraphicsRunningProcesses,

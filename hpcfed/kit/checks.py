@@ -186,9 +186,12 @@ def _check_signatures(kit: Path, root: x509.Certificate, report: KitReport) -> L
     Returns the folders that hold one."""
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
     public_key = root.public_key()
+    if not isinstance(public_key, rsa.RSAPublicKey):
+        report.errors.append("the root CA's key is not RSA: NVFlare signs kits with RSA-PSS")
+        return []
     found: List[str] = []
     for folder, _dirs, files in os.walk(kit):
         if SIGNATURE_FILE not in files:
@@ -374,9 +377,11 @@ def verify_kit(
     return report
 
 
-def require_ok(report: KitReport, what: str = "the kit") -> None:
-    """Raise KitError naming the first problem (and how many more) when the report failed."""
-    if report.ok:
-        return
+def require_ok(report: KitReport, what: str = "the kit") -> KitFacts:
+    """The kit's facts; KitError naming the first problem (and how many more) when it failed."""
+    if report.ok and report.facts is not None:
+        return report.facts
+    if not report.errors:
+        raise KitError(f"{what} failed its checks: no facts could be read from it")
     more = f" (and {len(report.errors) - 1} more problem(s))" if len(report.errors) > 1 else ""
     raise KitError(f"{what} failed its checks: {report.errors[0]}{more}")

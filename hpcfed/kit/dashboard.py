@@ -262,6 +262,8 @@ class Dashboard:
     ) -> bytes:
         """The kit zip for a client site, the server, or the logged-in admin user."""
         if role == "client":
+            if site is None:
+                raise KitError("a client kit download needs the site's dashboard entry")
             path, who = f"/clients/{site['id']}/blob", f"site {site.get('name')!r}"
         elif role == "server":
             if login.role != "project_admin":

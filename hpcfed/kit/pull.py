@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 from hpcfed.errors import KitError, NotFound
 from hpcfed.kit import store
 from hpcfed.kit.archive import unpack_kit
-from hpcfed.kit.checks import KitReport, require_ok, verify_kit
+from hpcfed.kit.checks import KitFacts, KitReport, require_ok, verify_kit
 from hpcfed.kit.dashboard import MAX_DOWNLOAD, Dashboard, new_pin
 
 Progress = Callable[[str], None]
@@ -47,9 +47,8 @@ class PullResult:
     pinned: str  # "kept", "new" (first use) or "replaced" (--repin)
 
 
-def _check_pin(report: KitReport, dashboard: Optional[str], repin: bool) -> str:
+def _check_pin(facts: KitFacts, dashboard: Optional[str], repin: bool) -> str:
     """Trust on first use; return what happens to the pin, raise when the root is not trusted."""
-    facts = report.facts
     pin = store.get_pin(facts.federation)
     if pin is not None:
         if pin["fingerprint"] == facts.root_fingerprint:
@@ -81,16 +80,16 @@ def _install_checked(
     what: str,
 ) -> PullResult:
     report = verify_kit(kit_root, expected_name=expected_name)
-    require_ok(report, what)
-    pinned = _check_pin(report, dashboard, repin)
-    kit = store.install_kit(kit_root, report.facts, site=site, dashboard=dashboard)
+    facts = require_ok(report, what)
+    pinned = _check_pin(facts, dashboard, repin)
+    kit = store.install_kit(kit_root, facts, site=site, dashboard=dashboard)
     if pinned != "kept":
         store.set_pin(
-            report.facts.federation,
-            report.facts.root_fingerprint,
-            report.facts.federation,
+            facts.federation,
+            facts.root_fingerprint,
+            facts.federation,
             dashboard,
-            report.facts.signed_folders,
+            facts.signed_folders,
         )
     return PullResult(kit=kit, report=report, pinned=pinned)
 
@@ -108,6 +107,8 @@ def pull_kit(plan: PullPlan, password: str, progress: Progress = lambda m: None)
             "once the project admin freezes the project; ask them to freeze it, then pull again"
         )
     site_entry = None
+    expected: Optional[str]
+    label: Optional[str]
     if plan.role == "client":
         if not plan.site:
             raise KitError("a client kit needs --site NAME (the site's name on the dashboard)")
@@ -196,6 +197,7 @@ def verify_with_pin(
             )
         else:
             report.warnings.append(
-                f"no root CA pinned for federation {report.facts.federation!r} yet (pinned at the first pull)"
+                f"no root CA pinned for federation {report.facts.federation if report.facts else '?'!r} "
+                "yet (pinned at the first pull)"
             )
     return report, pinned

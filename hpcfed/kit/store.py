@@ -211,7 +211,7 @@ def _load(base: Path) -> InstalledKit:
 
 
 def list_kits(site: Optional[str] = None, role: Optional[str] = None) -> List[InstalledKit]:
-    out = []
+    out: List[InstalledKit] = []
     root = kits_dir()
     if not root.is_dir():
         return out
