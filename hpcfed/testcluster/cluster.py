@@ -16,7 +16,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from hpcfed.errors import EnvironmentProblem, HpcfedError
 from hpcfed.testcluster import config, daemons
@@ -303,7 +303,7 @@ class TestCluster:
         shutil.chown(rundir, "mysql", "mysql")
         if not os.path.isdir(os.path.join(datadir, "mysql")):
             self.progress("initialising MariaDB")
-            proc = subprocess.run(
+            installed = subprocess.run(
                 [
                     "mariadb-install-db",
                     "--no-defaults",
@@ -315,8 +315,8 @@ class TestCluster:
                 capture_output=True,
                 text=True,
             )
-            if proc.returncode != 0:
-                raise EnvironmentProblem(f"mariadb-install-db failed: {_tail(proc)}")
+            if installed.returncode != 0:
+                raise EnvironmentProblem(f"mariadb-install-db failed: {_tail(installed)}")
         sock = os.path.join(rundir, "mysqld.sock")
         self.progress(f"starting MariaDB on 127.0.0.1:{s.mariadb_port}")
         proc = self._start(
@@ -350,14 +350,14 @@ class TestCluster:
             for host in ("localhost", "127.0.0.1")
         )
         # The SQL (with the password) goes through stdin, never argv.
-        proc = subprocess.run(
+        granted = subprocess.run(
             ["mariadb", "--no-defaults", f"--socket={sock}", "-u", "root"],
             input=sql,
             capture_output=True,
             text=True,
         )
-        if proc.returncode != 0:
-            raise EnvironmentProblem(f"could not create the slurm database user: {_tail(proc)}")
+        if granted.returncode != 0:
+            raise EnvironmentProblem(f"could not create the slurm database user: {_tail(granted)}")
 
     def _slurmdbd(self) -> None:
         s = self.spec
@@ -499,7 +499,7 @@ class TestCluster:
     def status(self) -> dict:
         s = self.spec
         records = self.table.load()
-        info = {
+        info: Dict[str, Any] = {
             "prefix": s.prefix,
             "slurm_conf": s.slurm_conf,
             "up": self.is_up(),
