@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import click
 
@@ -27,6 +28,7 @@ def image():
       hpcfed image build client --framework nvflare --version 2.9.0
       hpcfed image build supernode --framework flower --version 1.42.0
       hpcfed image build server --framework nvflare --version 2.9.0 --base localimage:/var/cache/hpcfed/base-bookworm.sif
+      hpcfed image build node --framework fedbiomed --version 6.4.1   # one image, both roles
       hpcfed image list --site ohsu
     """
 
@@ -76,7 +78,7 @@ _dir_option = click.option(
 def build(
     role, framework, fw_version, base, compression, site, image_dir, apptainer_bin, dry_run, as_json
 ):
-    """Build the image for ROLE (base, client, server) into the image directory.
+    """Build the image for ROLE (base, or a role of --framework) into the image directory.
 
     Runs as a normal user (with --fakeroot). The framework version is pinned exactly and
     recorded in the image's labels, with the base it was built from.
@@ -125,8 +127,11 @@ def build(
         f"building {plan.output} from {plan.to_dict()['base']}"
         + (" (fakeroot)" if plan.fakeroot else "")
     )
+    started = time.monotonic()
     record = build_image(plan, binary, on_line=lambda line: progress(f"  {line}") if line else None)
-    progress(f"built {record['path']} ({record['size_mb']} MB)")
+    record["build_seconds"] = round(time.monotonic() - started, 1)
+    minutes, seconds = divmod(int(record["build_seconds"]), 60)
+    progress(f"built {record['path']} ({record['size_mb']} MB) in {minutes}m{seconds:02d}s")
     emit(record, as_json, lambda r: click.echo(r["path"]))
 
 

@@ -578,3 +578,9 @@ def json_dumps(d) -> str:
     import json
 
     return json.dumps(d, indent=1)
+
+
+# Fed-BioMed components are kits too (hpcfed/kit/fedbiomed.py).
+from hpcfed.cli.kit_fedbiomed import fedbiomed as _fedbiomed  # noqa: E402
+
+kit.add_command(_fedbiomed)

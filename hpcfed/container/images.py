@@ -105,11 +105,18 @@ def check_image_role(framework: Optional[str], role: str) -> None:
 def image_name(role: str, framework: Optional[str], version: Optional[str]) -> str:
     if role == "base":
         return "hpcfed-base.sif"
+    if framework and frameworks.one_image(framework):
+        return f"{framework}-{version}.sif"
     return f"{framework}-{role}-{version}.sif"
 
 
 def definition_path(role: str, framework: Optional[str]) -> Path:
-    name = "base.def" if role == "base" else f"{framework}-{role}.def"
+    if role == "base":
+        name = "base.def"
+    elif framework and frameworks.one_image(framework):
+        name = f"{framework}.def"
+    else:
+        name = f"{framework}-{role}.def"
     return apptainer_defs_dir() / name
 
 

@@ -149,6 +149,16 @@ def table() -> Dict[str, Dict[str, Role]]:
     }
 
 
+@cache
+def _framework_specs() -> Dict[str, dict]:
+    return yaml.safe_load(TABLE.read_text()) or {}
+
+
+def one_image(framework: str) -> bool:
+    """All roles of `framework` run one image (<framework>.def), built once per version."""
+    return bool((_framework_specs().get(framework) or {}).get("one_image"))
+
+
 def frameworks() -> Tuple[str, ...]:
     return tuple(table())
 

@@ -31,7 +31,7 @@ from hpcfed.errors import ConfigError, KitError, NotFound
 from hpcfed.kit.checks import METADATA, KitFacts
 from hpcfed.tunnel.files import write_private
 
-ROLES = ("client", "server", "admin")
+ROLES = ("client", "server", "admin", "node", "researcher")  # NVFlare, Fed-BioMed
 
 
 @dataclass(frozen=True)

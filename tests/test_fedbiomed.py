@@ -1,0 +1,175 @@
+"""Fed-BioMed 6.4.1: its image, its components as kits, and a real federation in the image.
+
+Real parts: Apptainer 1.4, the Fed-BioMed image built by `hpcfed image build` from the offline
+bookworm base (pip reaches PyPI at build time only), `fedbiomed component create` run by
+`hpcfed kit fedbiomed create` as the non-root test user, and two Fed-BioMed nodes plus a
+researcher talking gRPC on loopback inside that image (no GPU is needed: analytics on CSVs).
+
+The image is ~3.5 GB (torch is a hard dependency of Fed-BioMed, and PyPI's x86_64 torch is the
+CUDA build), so it is built once per version of its definition file and reused: it lives in
+/var/cache/hpcfed/fedbiomed-<hash of fedbiomed.def>/, and a changed definition builds anew.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import stat
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from helpers import hpcfed, need, run
+
+from hpcfed.paths import apptainer_defs_dir
+
+VERSION = "6.4.1"
+BASE_SIF = os.environ.get("HPCFED_TEST_BASE_SIF", "/var/cache/hpcfed/base-bookworm.sif")
+DEF_FILE = apptainer_defs_dir() / "fedbiomed.def"
+IMAGE_CACHE = Path("/var/cache/hpcfed")
+USER = "hpcuser"
+SERVER = "fl-server"
+
+
+# ---------------------------------------------------------------- the image (plan: pure)
+
+
+@pytest.mark.parametrize("role", ["node", "researcher"])
+def test_one_image_serves_both_roles(tmp_path, role):
+    proc = hpcfed(
+        "image", "build", role, "--framework", "fedbiomed", "--version", VERSION,
+        "--base", f"localimage:{BASE_SIF}", "--image-dir", str(tmp_path), "--dry-run", "--json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert plan["output"] == str(tmp_path / f"fedbiomed-{VERSION}.sif")
+    assert plan["definition"] == str(DEF_FILE)
+    assert plan["build_args"]["FRAMEWORK_VERSION"] == VERSION
+    assert not list(tmp_path.iterdir())  # a dry run builds nothing
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["client", "--framework", "fedbiomed", "--version", VERSION], "fedbiomed images are for"),
+        (["node", "--framework", "nvflare", "--version", "2.9.0"], "nvflare images are for"),
+        (["node", "--framework", "fedbiomed", "--version", "6.4.1;rm"], "--version"),
+    ],
+)
+def test_image_build_bad_role_or_version_is_one_line(tmp_path, args, message):
+    proc = hpcfed("image", "build", *args, "--image-dir", str(tmp_path), "--dry-run")
+    assert proc.returncode == 3, proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- the image (real build)
+
+
+def _image_dir() -> Path:
+    digest = hashlib.sha256(DEF_FILE.read_bytes()).hexdigest()[:12]
+    return IMAGE_CACHE / f"fedbiomed-{digest}"
+
+
+@pytest.fixture(scope="session")
+def fedbiomed_image():
+    """The Fed-BioMed SIF, built by `hpcfed image build` once per definition file, then reused."""
+    need(shutil.which("apptainer") is not None, "apptainer is not installed")
+    need(os.path.isfile(BASE_SIF), f"offline base image {BASE_SIF} missing")
+    image_dir = _image_dir()
+    image = image_dir / f"fedbiomed-{VERSION}.sif"
+    if not image.is_file():
+        image_dir.mkdir(parents=True, exist_ok=True)
+        proc = hpcfed(
+            "image", "build", "node", "--framework", "fedbiomed", "--version", VERSION,
+            "--base", f"localimage:{BASE_SIF}", "--image-dir", str(image_dir), "--json",
+            timeout=3600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "built " in proc.stderr and "m" in proc.stderr.splitlines()[-1]  # time printed
+        print(proc.stderr.splitlines()[-1])
+    os.chmod(image_dir, 0o755)
+    os.chmod(image, 0o644)
+    return str(image)
+
+
+@pytest.mark.apptainer
+def test_image_is_labelled_and_runs_fedbiomed_offline(fedbiomed_image, tmp_path):
+    proc = hpcfed("image", "list", "--image-dir", os.path.dirname(fedbiomed_image), "--json")
+    assert proc.returncode == 0, proc.stderr
+    (record,) = [i for i in json.loads(proc.stdout)["images"] if i["path"] == fedbiomed_image]
+    assert (record["framework"], record["framework_version"]) == ("fedbiomed", VERSION)
+    assert record["role"] == "node+researcher"
+    # --containall --cleanenv as in a job: no network needed, torch imports without a GPU.
+    out = run(
+        ["apptainer", "exec", "--containall", "--cleanenv", "--net", "--network", "none",
+         fedbiomed_image, "python", "-c",
+         "import torch, fedbiomed; print(fedbiomed.__version__, torch.cuda.is_available())"],
+        timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [f"v{VERSION}", "False"]
+
+
+# ---------------------------------------------------------------- components as kits
+
+
+def _kit(user: str, *args: str, **kw) -> subprocess.CompletedProcess:
+    return hpcfed("kit", "fedbiomed", "create", *args, "--json", user=user, timeout=600, **kw)
+
+
+def _modes(root: str) -> set:
+    """Permission bits of everything under root (directories and files)."""
+    out = set()
+    for folder, _dirs, files in os.walk(root):
+        out.add(("d", stat.S_IMODE(os.stat(folder).st_mode)))
+        for name in files:
+            out.add(("f", stat.S_IMODE(os.lstat(os.path.join(folder, name)).st_mode)))
+    return out
+
+
+@pytest.mark.apptainer
+def test_kit_creates_private_components_for_the_server_name(fedbiomed_image):
+    from cryptography import x509
+
+    fed = f"fbm-{uuid.uuid4().hex[:6]}"
+    made = {}
+    for role, site in (("researcher", "hub"), ("node", "hospital-a")):
+        proc = _kit(
+            USER, role, "--federation", fed, "--site", site, "--server", SERVER,
+            "--image", fedbiomed_image,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        made[role] = json.loads(proc.stdout)
+        assert (made[role]["role"], made[role]["site"]) == (role, site)
+        assert (made[role]["server_host"], made[role]["server_port"]) == (SERVER, 50051)
+    root = Path(made["researcher"]["path"])
+    cert = x509.load_pem_x509_certificate(next((root / "etc").glob("*.pem")).read_bytes())
+    # Nodes dial exactly this name: the researcher's certificate carries it as CN.
+    assert cert.subject.rfc4514_string() == f"CN={SERVER}"
+    for kit in made.values():
+        assert os.stat(kit["path"]).st_uid == pwd.getpwnam(USER).pw_uid
+        assert _modes(kit["path"]) <= {("d", 0o700), ("f", 0o600)}, _modes(kit["path"])
+    shown = hpcfed("kit", "show", "hospital-a", "--role", "node", "--json", user=USER)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["path"] == made["node"]["path"]
+
+
+@pytest.mark.apptainer
+@pytest.mark.parametrize(
+    "server, message",
+    [("fl_server", "is not a host name"), ("fl-server:99999", "outside 1-65535")],
+)
+def test_kit_bad_server_is_one_line_and_installs_nothing(fedbiomed_image, server, message):
+    proc = _kit(
+        USER, "node", "--federation", "f", "--site", "s", "--server", server,
+        "--image", fedbiomed_image,
+    )  # fmt: skip
+    assert proc.returncode == 3 and message in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    listed = hpcfed("kit", "list", "--json", user=USER)
+    assert json.loads(listed.stdout) == []
