@@ -149,6 +149,10 @@ def _resolve_kit(
 
     if command is not None or not role.needs_kit:
         return kit, None, None
+    if role.credentials in ("fedbiomed-node", "fedbiomed-researcher"):
+        from hpcfed.kit.fedbiomed import resolve_component
+
+        return resolve_component(kit, site, role)
     if role.credentials != "nvflare-kit":
         from hpcfed.kit.flower import resolve_credentials
 

@@ -55,8 +55,11 @@ def test_one_image_serves_both_roles(tmp_path, role):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["client", "--framework", "fedbiomed", "--version", VERSION], "fedbiomed images are for"),
-        (["node", "--framework", "nvflare", "--version", "2.9.0"], "nvflare images are for"),
+        (
+            ["client", "--framework", "fedbiomed", "--version", VERSION],
+            "a fedbiomed role (researcher, node)",
+        ),
+        (["node", "--framework", "nvflare", "--version", "2.9.0"], "a nvflare role"),
         (["node", "--framework", "fedbiomed", "--version", "6.4.1;rm"], "--version"),
     ],
 )
@@ -173,3 +176,38 @@ def test_kit_bad_server_is_one_line_and_installs_nothing(fedbiomed_image, server
     assert len(proc.stderr.strip().splitlines()) == 1
     listed = hpcfed("kit", "list", "--json", user=USER)
     assert json.loads(listed.stdout) == []
+
+
+# ---------------------------------------------------------------- roles (plans: pure)
+
+
+def test_roles_researcher_serves_and_node_dials_the_grpc_port():
+    from hpcfed import frameworks
+    from hpcfed.plan import build_plan
+    from hpcfed.profiles import load_site
+
+    fbm = frameworks.table()["fedbiomed"]
+    researcher, node = fbm["researcher"], fbm["node"]
+    assert (researcher.side, researcher.serves) == ("server", (("researcher", 50051),))
+    assert (node.side, node.dials) == ("client", (("researcher", 50051),))
+    assert researcher.forwards("10.9.0.2", 50051) == ((), ("50051=127.0.0.1:50051",))
+    assert node.forwards("10.9.0.2", 50051, bind="127.0.11.1") == (
+        ("127.0.11.1:50051=10.9.0.2:50051",),
+        (),
+    )
+
+    def plan(role, **kw):
+        return build_plan(
+            site=load_site("local"), role=role, name="fbm-test", deployment_id="0123456789ab",
+            user="alice", kit="/k", tunnel_config="/t.conf", server_address=(SERVER, 50051), **kw,
+        )  # fmt: skip
+
+    r = plan(researcher, remote_forwards=researcher.forwards("10.9.0.2", 50051)[1])
+    # The researcher's certificate names SERVER: it resolves where -R delivers.
+    assert r.tunnel.hosts == ((SERVER, "127.0.0.1"),)
+    assert r.env["FBM_RESEARCHER_COMPONENT_ROOT"] == "/fl/workspace/component"
+    n = plan(node, local_forwards=node.forwards("10.9.0.2", 50051, bind="127.0.11.1")[0])
+    assert n.tunnel.hosts == ((SERVER, "127.0.11.1"),)
+    # After a requeue the PID Fed-BioMed recorded may be another process's: --force.
+    assert "start --force" in n.command[-1]
+    assert frameworks.one_image("fedbiomed") and not frameworks.one_image("nvflare")

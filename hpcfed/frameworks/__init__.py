@@ -29,6 +29,8 @@ CREDENTIALS = {
     "flower-superlink": "Flower SuperLink credentials (hpcfed kit flower ca)",
     "flower-supernode": "Flower SuperNode key (hpcfed kit flower keygen)",
     "flower-operator": "Flower operator credentials (hpcfed kit flower ca)",
+    "fedbiomed-researcher": "Fed-BioMed researcher component (hpcfed kit fedbiomed create)",
+    "fedbiomed-node": "Fed-BioMed node component (hpcfed kit fedbiomed create)",
 }
 _LOCAL_PORT = re.compile(r"\{local_port:([a-z][a-z0-9_-]*)\}")
 

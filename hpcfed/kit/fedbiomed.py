@@ -180,3 +180,19 @@ def create_component(
 
 def find_component(site: str, role: str) -> Optional[store.InstalledKit]:
     return store.find_kit(site, role)
+
+
+def resolve_component(kit: Optional[str], site: str, role) -> tuple:
+    """(kit dir, (server name, port), None) for a Fed-BioMed role at submit: --kit as given,
+    else the component installed for the site; its recorded server address is what the tunnel's
+    forward and the container's /etc/hosts provide."""
+    if kit is not None:
+        return kit, None, None
+    found = find_component(site, role.name)
+    if found is None:
+        raise NotFound(
+            f"--kit: no Fed-BioMed {role.name} component for site {site}; make it with "
+            f"`hpcfed kit fedbiomed create {role.name} --federation F --site {site} "
+            "--server NAME --image SIF`"
+        )
+    return found.path, (found.server_host, found.server_port), None
