@@ -152,6 +152,7 @@ def create_component(
             kit_dir=None,
             workspace=str(staging),
             env=plan.environment(),
+            hosts_file=None,
             job_env={},
         )
         proc = subprocess.run(
