@@ -188,14 +188,20 @@ def main() -> int:
         r: str(demo.IMAGE_DIR / f"flower-{r}-{demo.FLOWER_VERSION}.sif")
         for r in ("superlink", "supernode")
     }
-    startup, via_hpcfed, direct = [], [], []
+    startup, via_hpcfed, direct, failures = [], [], [], []
     for i in range(max(args.runs, MIN_RUNS)):
-        print(f"run {i + 1}: hpcfed", flush=True)
-        h = hpcfed_side(args.rounds)
-        startup.append(h["submit_to_first_round"])
-        via_hpcfed += h["rounds"]
         print(f"run {i + 1}: loopback", flush=True)
         direct += loopback_side(args.rounds, images)["rounds"]
+        print(f"run {i + 1}: hpcfed", flush=True)
+        try:
+            h = hpcfed_side(args.rounds)
+        except demo.DemoError as exc:  # counted and shown, never silently dropped
+            failures.append(str(exc).splitlines()[0])
+            print(f"  failed: {exc}", flush=True)
+            continue
+        startup.append(h["submit_to_first_round"])
+        via_hpcfed += h["rounds"]
+        print(f"  first round {h['submit_to_first_round']:.1f} s, rounds {h['rounds']}", flush=True)
     out = REPO / "benchmarks" / "results" / "flower.md"
     out.write_text(
         "# Flower: hpcfed vs bare loopback\n\n"
@@ -210,6 +216,11 @@ def main() -> int:
         + "\n"
         + row("seconds per round, bare loopback (same images)", direct, 2)
         + "\n"
+        + (
+            f"\nhpcfed runs that failed ({len(failures)}): " + "; ".join(failures) + "\n"
+            if failures
+            else ""
+        )
     )
     print(out.read_text())
     return 0

@@ -270,7 +270,11 @@ class FlowerFederation:
                 say("operator: the SuperLink answers through the hub")
                 return
             time.sleep(3)
-        raise DemoError(f"the SuperLink did not answer within {timeout:.0f} s")
+        tail = hpcfed("logs", "flwr-superlink", check=False).stdout.strip().splitlines()[-15:]
+        raise DemoError(
+            f"the SuperLink did not answer within {timeout:.0f} s; its log ends:\n"
+            + "\n".join(tail)
+        )
 
     def wait_online(self, node_ids, timeout: float = 240) -> list:
         deadline = time.monotonic() + timeout
