@@ -271,7 +271,7 @@ def main() -> None:
 
         procs.append(
             subprocess.Popen(
-                [sys.executable, "-c", SINK, "127.0.0.1", "39500"], start_new_session=True
+                [sys.executable, "-c", SINK, "127.0.0.1", "29500"], start_new_session=True
             )
         )
         # 1. hpcfed tunnel
@@ -279,7 +279,7 @@ def main() -> None:
         cli_conf, _ = peer_config(net, "client", "bench-cli", CLI)
         procs.append(
             subprocess.Popen(
-                ["runuser", "-u", SRV, "--", sys.executable, "-c", SINK, "127.0.0.1", "39501"],
+                ["runuser", "-u", SRV, "--", sys.executable, "-c", SINK, "127.0.0.1", "29501"],
                 start_new_session=True,
             )
         )
@@ -287,7 +287,7 @@ def main() -> None:
             SRV,
             srv_conf,
             "-R",
-            "9500=127.0.0.1:39501",
+            "9500=127.0.0.1:29501",
             "--buffer-kib",
             args.buffer_kib,
             name="bench-srv",
@@ -296,7 +296,7 @@ def main() -> None:
             CLI,
             cli_conf,
             "-L",
-            f"39502={srv_ip}:9500",
+            f"29502={srv_ip}:9500",
             "--buffer-kib",
             args.buffer_kib,
             name="bench-cli",
@@ -308,7 +308,7 @@ def main() -> None:
             "hpcfed tunnel (userspace, -L/-R)",
             ["runuser", "-u", CLI, "--"],
             "127.0.0.1",
-            39502,
+            29502,
             [server.proc.pid, client.proc.pid],
             tunnel_counters(client),
             tunnel_counters(server),
@@ -319,7 +319,7 @@ def main() -> None:
         namespaces += [ns_a, ns_b]
         procs.append(
             subprocess.Popen(
-                ["ip", "netns", "exec", ns_b, sys.executable, "-c", SINK, ip_b, "39503"],
+                ["ip", "netns", "exec", ns_b, sys.executable, "-c", SINK, ip_b, "29503"],
                 start_new_session=True,
             )
         )
@@ -328,13 +328,13 @@ def main() -> None:
             "wireguard-go TUN peers (root, netns)",
             ["ip", "netns", "exec", ns_a],
             ip_b,
-            39503,
+            29503,
             pids_of("wireguard-go wgb"),
             wg_counters(ns_a, "wgba"),
             wg_counters(ns_b, "wgbb"),
         )
         time.sleep(0.5)
-        loopback = Path_("loopback TCP", [], "127.0.0.1", 39500, [], dict, dict).send(
+        loopback = Path_("loopback TCP", [], "127.0.0.1", 29500, [], dict, dict).send(
             args.mib * 4, args.probes
         )
         loopback["mbit"] = args.mib * 4 * 8 * 1.048576 / loopback["seconds"]
@@ -422,7 +422,8 @@ def plot(results: dict[str, list[dict]], out: Path) -> None:
     for ax, key in zip(axes, keys_):
         label = next(l for k, l, _ in METRICS if k == key)
         data = [[r[key] for r in results[n]] for n in results]
-        ax.boxplot(data, labels=["hpcfed", "TUN peers"], showfliers=True)
+        ax.boxplot(data, showfliers=True)
+        ax.set_xticks([1, 2], ["hpcfed", "TUN peers"])
         ax.set_title(label, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
