@@ -623,7 +623,7 @@ def test_configs_with_the_same_file_name_keep_separate_status(fed, tmp_path):
     status file (it is keyed by the config's full path)."""
     home = Path(pwd.getpwnam(CLI).pw_dir)
     state = home / f"state-{uuid.uuid4().hex[:6]}"
-    confs = []
+    confs: list[str] = []
     for site in ("site-a", "site-b"):
         d = home / f"{site}-{uuid.uuid4().hex[:6]}"
         d.mkdir()
@@ -658,6 +658,8 @@ def test_configs_with_the_same_file_name_keep_separate_status(fed, tmp_path):
     finally:
         for t in tunnels:
             t.stop()
+        for path in [state] + [Path(c).parent for c in confs]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.timeout(120)
