@@ -40,6 +40,7 @@ SITES = ("hospital-a", "hospital-b")
 EXTRA_SITES = ("hospital-c", "hospital-x")
 NODES = {"hospital-a": "node2", "hospital-b": "node3", "hospital-c": "node3", "hospital-x": "node3"}
 APP = REPO / "demo" / "flower_app"
+ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED")
 EXPECTED_ROUNDS = 3
 
 
@@ -276,6 +277,21 @@ class FlowerFederation:
             + "\n".join(tail)
         )
 
+    def wait_gone(self, names, timeout: float = 90) -> None:
+        """Until the cancelled jobs have ended: a next run's SuperLink needs the port back."""
+        deadline = time.monotonic() + timeout
+        while names and time.monotonic() < deadline:
+            proc = hpcfed("status", *names, "--json", check=False)
+            try:
+                rows = json.loads(proc.stdout)["deployments"]
+            except (ValueError, KeyError):
+                return
+            active = [r["name"] for r in rows if r.get("job_state") in ACTIVE]
+            if not active:
+                return
+            time.sleep(2)
+        say(f"jobs still active after {timeout:.0f} s: {names}")
+
     def wait_online(self, node_ids, timeout: float = 240) -> list:
         deadline = time.monotonic() + timeout
         nodes: list = []
@@ -347,7 +363,10 @@ class FlowerFederation:
 
     def down(self) -> None:
         for name in self.state.deployments:
-            hpcfed("cancel", name, check=False)
+            proc = hpcfed("cancel", name, check=False)
+            if proc.returncode != 0:
+                say(f"cancel {name} failed: {(proc.stderr or proc.stdout).strip()[-300:]}")
+        self.wait_gone(self.state.deployments)
         self.hub.destroy()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
         shutil.rmtree(demo_root(), ignore_errors=True)
