@@ -463,7 +463,15 @@ def _console_tunnel(console: Console, fed: Federation, home: Path):
     proc = subprocess.Popen(
         argv, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
-    wait_ready(proc, str(ready), timeout=60)
+    try:
+        wait_ready(proc, str(ready), timeout=60)
+    except BaseException:  # never leave the tunnel behind (it runs in its own session)
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     return proc, port
 
 
