@@ -22,7 +22,16 @@ pub struct SockInfo {
 impl SockInfo {
     /// The uid that provably owns the socket, or None (closed, orphaned, time-wait).
     pub fn owner(&self) -> Option<u32> {
-        (self.inode != 0 && self.state != TCP_TIME_WAIT && self.state != TCP_LISTEN).then_some(self.uid)
+        (self.inode != 0 && self.state != TCP_TIME_WAIT && self.state != TCP_LISTEN)
+            .then_some(self.uid)
+    }
+}
+
+/// The IPv4 address as an IPv6 socket sees it (::ffff:a.b.c.d), None for IPv6 addresses.
+fn mapped(a: SocketAddr) -> Option<SocketAddr> {
+    match a.ip() {
+        IpAddr::V4(v4) => Some(SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), a.port())),
+        IpAddr::V6(_) => None,
     }
 }
 
@@ -67,7 +76,11 @@ fn request(seq: u32, src: SocketAddr, dst: SocketAddr) -> [u8; REQ_LEN] {
     b[6..8].copy_from_slice(&NLM_F_REQUEST.to_ne_bytes());
     b[8..12].copy_from_slice(&seq.to_ne_bytes());
     let r = &mut b[NLMSG_HDR..];
-    r[0] = if src.is_ipv4() { libc::AF_INET as u8 } else { libc::AF_INET6 as u8 };
+    r[0] = if src.is_ipv4() {
+        libc::AF_INET as u8
+    } else {
+        libc::AF_INET6 as u8
+    };
     r[1] = libc::IPPROTO_TCP as u8;
     r[4..8].copy_from_slice(&u32::MAX.to_ne_bytes()); // every state
     let id = &mut r[8..];
@@ -117,7 +130,11 @@ impl Lookup {
     fn socket(&mut self) -> Option<i32> {
         if self.fd.is_none() {
             let fd = unsafe {
-                libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_SOCK_DIAG)
+                libc::socket(
+                    libc::AF_NETLINK,
+                    libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                    libc::NETLINK_SOCK_DIAG,
+                )
             };
             if fd < 0 {
                 return None;
@@ -129,7 +146,9 @@ impl Lookup {
 
     /// Ask the kernel about the TCP socket with local end `src`, remote end `dst`.
     pub fn query(&mut self, src: SocketAddr, dst: SocketAddr) -> Answer {
-        let Some(fd) = self.socket() else { return Answer::Unavailable };
+        let Some(fd) = self.socket() else {
+            return Answer::Unavailable;
+        };
         self.seq = self.seq.wrapping_add(1);
         let req = request(self.seq, src, dst);
         let mut kernel: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
@@ -153,19 +172,30 @@ impl Lookup {
         let mut buf = [0u8; 512];
         loop {
             let n = unsafe {
-                libc::recv(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT)
+                libc::recv(
+                    fd,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
             };
             if n < 0 {
                 self.fd = None;
                 return Answer::Unavailable;
             }
             let msg = &buf[..n as usize];
-            if msg.len() >= NLMSG_HDR && u32::from_ne_bytes(msg[8..12].try_into().unwrap()) != self.seq {
+            if msg.len() >= NLMSG_HDR
+                && u32::from_ne_bytes(msg[8..12].try_into().unwrap()) != self.seq
+            {
                 continue; // a stale answer to an earlier question
             }
             if msg.len() >= NLMSG_HDR + 4 && u16::from_ne_bytes([msg[4], msg[5]]) == NLMSG_ERROR {
                 let errno = -i32::from_ne_bytes(msg[16..20].try_into().unwrap());
-                return if errno == libc::ENOENT { Answer::NoSuchSocket } else { Answer::Unavailable };
+                return if errno == libc::ENOENT {
+                    Answer::NoSuchSocket
+                } else {
+                    Answer::Unavailable
+                };
             }
             return match parse_reply(msg, self.seq, &req) {
                 Some(info) => Answer::Found(info),
@@ -180,7 +210,15 @@ impl Lookup {
         let (peer, local) = (canon(peer), canon(local));
         match self.query(peer, local) {
             Answer::Found(info) => info.owner(),
-            Answer::NoSuchSocket => None,
+            // A dual-stack (AF_INET6) client talking IPv4 — gRPC's default, so every NVFlare
+            // and Flower client — is listed by the kernel under IPv6 with v4-mapped addresses.
+            Answer::NoSuchSocket => match (mapped(peer), mapped(local)) {
+                (Some(p6), Some(l6)) => match self.query(p6, l6) {
+                    Answer::Found(info) => info.owner(),
+                    _ => None,
+                },
+                _ => None,
+            },
             Answer::Unavailable => proc_lookup(peer, local).and_then(|i| i.owner()),
         }
     }
@@ -211,7 +249,9 @@ fn parse_addr(field: &str) -> Option<SocketAddr> {
 
 fn proc_lookup(peer: SocketAddr, local: SocketAddr) -> Option<SockInfo> {
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 10 {
@@ -260,7 +300,31 @@ mod tests {
         }
         assert_eq!(l.peer_uid(peer, local), Some(my_uid()));
         // the /proc fallback agrees
-        assert_eq!(proc_lookup(peer, local).and_then(|i| i.owner()), Some(my_uid()));
+        assert_eq!(
+            proc_lookup(peer, local).and_then(|i| i.owner()),
+            Some(my_uid())
+        );
+    }
+
+    #[test]
+    fn a_dual_stack_client_is_found_under_ipv6() {
+        // What gRPC does: an AF_INET6 socket connecting to an IPv4 listener (v4-mapped).
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let c = socket2_v6_connect(port);
+        let (_s, peer) = l.accept().unwrap();
+        let local = l.local_addr().unwrap();
+        assert_eq!(Lookup::new().peer_uid(peer, local), Some(my_uid()));
+        drop(c);
+    }
+
+    /// An AF_INET6 TCP socket connected to 127.0.0.1:port through its v4-mapped address.
+    fn socket2_v6_connect(port: u16) -> TcpStream {
+        TcpStream::connect(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+            port,
+        ))
+        .unwrap()
     }
 
     #[test]
@@ -280,21 +344,59 @@ mod tests {
         let there = l.local_addr().unwrap();
         let nowhere: SocketAddr = "127.0.0.1:1".parse().unwrap();
         // the kernel's exact lookup falls back to a listener on `src`: that must not count
-        assert!(matches!(Lookup::new().query(there, nowhere), Answer::NoSuchSocket));
+        assert!(matches!(
+            Lookup::new().query(there, nowhere),
+            Answer::NoSuchSocket
+        ));
         assert_eq!(Lookup::new().peer_uid(there, nowhere), None);
     }
 
     #[test]
     fn owner_rules() {
-        assert_eq!(SockInfo { state: 1, uid: 5, inode: 9 }.owner(), Some(5));
-        assert_eq!(SockInfo { state: 5, uid: 5, inode: 9 }.owner(), Some(5)); // FIN_WAIT2, still open
-        assert_eq!(SockInfo { state: TCP_TIME_WAIT, uid: 0, inode: 0 }.owner(), None);
-        assert_eq!(SockInfo { state: 4, uid: 0, inode: 0 }.owner(), None); // orphan
+        assert_eq!(
+            SockInfo {
+                state: 1,
+                uid: 5,
+                inode: 9
+            }
+            .owner(),
+            Some(5)
+        );
+        assert_eq!(
+            SockInfo {
+                state: 5,
+                uid: 5,
+                inode: 9
+            }
+            .owner(),
+            Some(5)
+        ); // FIN_WAIT2, still open
+        assert_eq!(
+            SockInfo {
+                state: TCP_TIME_WAIT,
+                uid: 0,
+                inode: 0
+            }
+            .owner(),
+            None
+        );
+        assert_eq!(
+            SockInfo {
+                state: 4,
+                uid: 0,
+                inode: 0
+            }
+            .owner(),
+            None
+        ); // orphan
     }
 
     #[test]
     fn parses_proc_addresses() {
-        assert_eq!(parse_addr("0100007F:1F90"), Some("127.0.0.1:8080".parse().unwrap()));
+        assert_eq!(
+            parse_addr("0100007F:1F90"),
+            Some("127.0.0.1:8080".parse().unwrap())
+        );
         assert_eq!(
             parse_addr("0000000000000000FFFF00000100007F:1F90"),
             Some("127.0.0.1:8080".parse().unwrap())
