@@ -18,10 +18,12 @@ test: bootstrap lint
 	cargo test --release --quiet
 	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# ruff (lint + format) over the whole tree; part of `make test`.
+# ruff (lint + format) over the whole tree and mypy over the package (strict for plan,
+# profiles, scheduler, state, rejoin: pyproject.toml); part of `make test`.
 lint:
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # The proof that a fresh machine is green: wipe everything hpcfed wrote outside a checkout
 # (scripts/wipe: state of every user, /var/lib/hpcfed, /var/tmp/hpcfed-*, the venv, images;

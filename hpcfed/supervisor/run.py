@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -57,7 +58,9 @@ class Supervisor:
         self.started = time.monotonic()  # this run of the job (a requeued job starts afresh)
         self.terminating = False  # SIGTERM/SIGINT seen: Slurm is ending the job now
         self.failure = None  # a known failure of the framework seen in the role's output
-        self.watcher = None  # the thread reading the role's output for those
+        self.watcher: Optional[threading.Thread] = (
+            None  # the thread reading the role's output for those
+        )
 
     def event(self, kind: str, detail: str = "") -> None:
         """Append to events.jsonl in the deployment directory (`hpcfed status NAME` shows it).
@@ -211,10 +214,9 @@ class Supervisor:
             stderr=subprocess.STDOUT if failures else None,
         )
         if failures:
-            import threading
-
-            self.watcher = threading.Thread(target=self.watch_output, args=(failures,), daemon=True)
-            self.watcher.start()
+            watcher = threading.Thread(target=self.watch_output, args=(failures,), daemon=True)
+            watcher.start()
+            self.watcher = watcher
 
     def watch_output(self, failures) -> None:
         """Copy the role's output to the job log and recognise the framework's known failures
@@ -348,15 +350,20 @@ class Supervisor:
         while not self.terminating and time.monotonic() < deadline:
             time.sleep(0.2)
 
+    def running_role(self) -> subprocess.Popen:
+        """The role's process, once start_role has started it."""
+        assert self.role is not None, "the role was not started"
+        return self.role
+
     def _signal_role(self, sig) -> None:
         try:
-            os.killpg(self.role.pid, sig)
+            os.killpg(self.running_role().pid, sig)
         except ProcessLookupError:
             pass
 
     def _wait_role(self, seconds: float) -> bool:
         try:
-            self.role.wait(timeout=seconds)
+            self.running_role().wait(timeout=seconds)
             return True
         except subprocess.TimeoutExpired:
             return False
@@ -418,7 +425,7 @@ class Supervisor:
                 self.report(exc.exit_code, str(exc))
                 return exc.exit_code
             while True:
-                while self.role.poll() is None:
+                while self.running_role().poll() is None:
                     if self.stop_reason:
                         self.stop_role()
                         break
@@ -430,7 +437,7 @@ class Supervisor:
                     time.sleep(0.2)
                 if not self.retry_role(ws):
                     break
-            code = self.role.wait()
+            code = self.running_role().wait()
             if code < 0:  # killed by a signal: report it the shell's way
                 code = 128 - code
             self.output_read()

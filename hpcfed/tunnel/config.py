@@ -13,7 +13,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 from hpcfed.errors import ConfigError
 from hpcfed.tunnel.keys import is_key
@@ -52,8 +52,8 @@ def parse_endpoint(value: str, where: str) -> str:
     return value
 
 
-def _sections(text: str, path: str):
-    section = None
+def _sections(text: str, path: str) -> Iterator[dict[str, Any]]:
+    section: Optional[dict[str, Any]] = None
     for lineno, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
         if not line:
@@ -168,7 +168,7 @@ def parse(text: str, path: str = "<config>") -> TunnelConfig:
         address=addrs[0],
         peer_public_key=pub,
         endpoint=endpoint,
-        allowed_ips=tuple(allowed) or (ipaddress.ip_network("0.0.0.0/0"),),
+        allowed_ips=tuple(allowed) or (ipaddress.IPv4Network("0.0.0.0/0"),),
         preshared_key=psk,
         keepalive=keepalive or None,
         listen_port=listen_port or None,
