@@ -12,7 +12,7 @@ from hpcfed.errors import ConfigError, KitError, NotFound
 
 PASSWORD_ENV = "HPCFED_DASHBOARD_PASSWORD"
 KEYRING_SERVICE = "hpcfed-dashboard"
-ROLE = click.Choice(["client", "server", "admin"])
+ROLE = click.Choice(["client", "server", "admin", "node", "researcher"])  # NVFlare, Fed-BioMed
 
 
 @click.group()
