@@ -234,7 +234,7 @@ def _free_port() -> int:
 
 @pytest.mark.apptainer
 @pytest.mark.fedbiomed_image
-@pytest.mark.timeout(1800)
+@pytest.mark.timeout(4800)  # the first use builds the image (fixture)
 def test_two_nodes_and_a_researcher_give_the_exact_pooled_mean_also_with_secagg(
     fedbiomed_image, tmp_path
 ):
