@@ -2,9 +2,11 @@
 # machine as root: they install what is missing first (scripts/bootstrap).
 VENV ?= /opt/hpcfed/venv
 HPCFED := $(VENV)/bin/hpcfed
-PYTEST_ARGS ?=
+# The Fed-BioMed image (~3.5 GB, torch's CUDA build; 15-65 min to build here) is not part of
+# `make test`: `make test-fedbiomed` runs the tests that need it (see docs/fedbiomed.md).
+PYTEST_ARGS ?= -m "not fedbiomed_image"
 
-.PHONY: bootstrap test lint test-fresh demo demo-down install bench clean wheel
+.PHONY: bootstrap test test-fedbiomed lint test-fresh demo demo-down install bench clean wheel
 
 bootstrap:
 	HPCFED_VENV=$(VENV) bash scripts/bootstrap
@@ -17,6 +19,9 @@ install:
 test: bootstrap lint
 	cargo test --release --quiet
 	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-fedbiomed: bootstrap
+	HPCFED_VENV=$(VENV) $(VENV)/bin/pytest -m fedbiomed_image tests/test_fedbiomed.py
 
 # ruff (lint + format) over the whole tree and mypy over the package (strict for plan,
 # profiles, scheduler, state, rejoin: pyproject.toml); part of `make test`.
