@@ -4,7 +4,7 @@ Three layers per Debian suite, each tagged with a hash of its recipe, so a secon
 second machine with the same recipe) reuses what exists and rebuilds only what changed:
 
 1. `hpcfed-tc-base:<suite>-<hash>`: `debootstrap --variant=minbase` imported with `docker import`;
-2. `hpcfed-tc-system:<suite>-<hash>`: Slurm, munge, MariaDB, sshd, cron, iptables, WireGuard and
+2. `hpcfed-tc-system:<suite>-<hash>`: Slurm, munge, MariaDB, sshd, cron, iptables, nftables, WireGuard and
    Apptainer (Dockerfile.system);
 3. `hpcfed-tc:<suite>-<hash>`: hpcfed from a wheel of the installed package (Dockerfile.hpcfed),
    which `make install` built from the source tree; its hash is the installed files' RECORD, so a
