@@ -174,12 +174,20 @@ def test_submit_status_logs_cancel_across_login_nodes(docker_lab):
     # the other login node sees the same deployment (shared /home) and the same job
     other = _status(lab, env, name, host="login2")
     assert other["job_id"] == job_id and other["job_state"] == "RUNNING"
-    log = wait_for(
+    # Wait for the line the role printed, not for the command text: the log also holds the
+    # role's command line, which contains "GPUS=" before the role has run it.
+    line = wait_for(
         "the role's output",
-        lambda: "GPUS=" in (out := lab.hpcfed("login2", "logs", name, env=env).stdout) and out,
+        lambda: next(
+            (
+                x
+                for x in lab.hpcfed("login2", "logs", name, env=env).stdout.splitlines()
+                if x.startswith("GPUS=")
+            ),
+            None,
+        ),
         60,
     )
-    line = next(x for x in log.splitlines() if x.startswith("GPUS="))
     assert len(line.split()[0].split("=")[1].split(",")) == 2 and f"ON={dep['node']}" in line
     proc = lab.hpcfed("login2", "cancel", name, env=env)
     assert proc.returncode == 0, proc.stderr
