@@ -14,7 +14,7 @@ import sys
 
 import click
 
-from hpcfed.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, HpcfedError
+from hpcfed.errors import ExitCode, HpcfedError
 
 # command name -> "module:attribute" (module relative to hpcfed.cli)
 COMMANDS: dict[str, str] = {
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
         cli.main(args=argv, prog_name="hpcfed", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("hpcfed: aborted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(ExitCode.INTERRUPTED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
@@ -93,9 +93,9 @@ def main(argv=None) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("hpcfed: interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        sys.exit(ExitCode.INTERRUPTED)
     except BrokenPipeError:
-        sys.exit(0)
+        sys.exit(ExitCode.OK)
     except Exception as exc:  # a bug: still no traceback unless asked for
         if os.environ.get("HPCFED_DEBUG"):
             raise
@@ -104,5 +104,5 @@ def main(argv=None) -> None:
             "(run with HPCFED_DEBUG=1 for the traceback)",
             err=True,
         )
-        sys.exit(EXIT_INTERNAL)
-    sys.exit(0)
+        sys.exit(ExitCode.INTERNAL)
+    sys.exit(ExitCode.OK)

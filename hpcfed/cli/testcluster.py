@@ -8,6 +8,7 @@ import threading
 import click
 
 from hpcfed.cli._common import emit, emit_json, json_option, progress, table
+from hpcfed.errors import ExitCode
 
 prefix_option = click.option(
     "--prefix",
@@ -247,7 +248,7 @@ def status(prefix, engine, slurm_release, as_json):
 
     emit(info, as_json, human)
     if not info["up"]:
-        raise SystemExit(1)
+        raise SystemExit(ExitCode.FAILED)
 
 
 @testcluster.command()
@@ -348,4 +349,4 @@ def _docker_status(slurm_release, as_json):
 
     emit(info, as_json, human)
     if not info["up"]:
-        raise SystemExit(1)
+        raise SystemExit(ExitCode.FAILED)
