@@ -17,7 +17,7 @@ from typing import Dict, Optional, Tuple
 
 import yaml
 
-from hpcfed.errors import ConfigError
+from hpcfed.errors import ConfigError, ExitCode
 
 TABLE = Path(__file__).with_name("roles.yaml")
 DEFAULT_TEMPLATE = "job.sbatch.j2"
@@ -40,8 +40,9 @@ class Failure:
     """A failure the framework reports only in its output: text to look for, what it means."""
 
     pattern: str
-    exit_code: int
+    code: int  # the framework's own code: named in the job's log, never the job's exit code
     message: str
+    exit: ExitCode = ExitCode.ROLE_FAILED  # the job's exit code (a process keeps only 0-255)
     retry_for: int = 0  # start the role again while the job has run less than this (seconds)
 
 
@@ -130,15 +131,22 @@ def _role(fw: str, spec: dict, name: str, r: dict) -> Role:
         dials=_ports(fw, name, r.get("dials"), ports),
         local_ports=local,
         env=tuple(sorted((k, str(v)) for k, v in env.items())),
-        failures=tuple(
-            Failure(
-                str(f["match"]),
-                int(f["exit_code"]),
-                str(f["message"]),
-                int(f.get("retry_for", 0)),
-            )
-            for f in r.get("failures") or ()
-        ),
+        failures=tuple(_failure(fw, name, f) for f in r.get("failures") or ()),
+    )
+
+
+def _failure(fw: str, role: str, f: dict) -> Failure:
+    label = f.get("exit", ExitCode.ROLE_FAILED.label)
+    exit_code = ExitCode.from_label(str(label))
+    if exit_code is None:
+        known = ", ".join(c.label for c in ExitCode)
+        raise ConfigError(f"{TABLE}: {fw}.{role}.failures: exit {label!r}: one of {known}")
+    return Failure(
+        pattern=str(f["match"]),
+        code=int(f["code"]),
+        message=str(f["message"]),
+        exit=exit_code,
+        retry_for=int(f.get("retry_for", 0)),
     )
 
 

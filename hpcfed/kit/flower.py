@@ -442,7 +442,7 @@ def _console_tunnel(console: Console, fed: Federation, home: Path):
     run a SuperLink or SuperNode forwards on the federation's port itself)."""
     import subprocess
 
-    from hpcfed.supervisor.run import free_port
+    from hpcfed.supervisor.role_process import free_port
     from hpcfed.tunnel.job import wait_ready
 
     role = frameworks_role("flwr")
