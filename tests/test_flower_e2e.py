@@ -111,10 +111,15 @@ def test_an_unregistered_supernode_never_comes_online_and_the_log_says_why(flowe
         time.sleep(3)
     log = _log(flower, name)
     why = [l for l in log.splitlines() if l.startswith("[hpcfed-job") and "role ended" in l]
+    # Flower's own 305 is named; the job's exit code is the table's (305 would reach Slurm as 49).
     assert why and why[-1].endswith(
-        "role ended: exit code 305 (the SuperLink refused to activate this SuperNode: its public "
-        "key is not registered (the operator runs `hpcfed kit flower register`))"
+        "role ended: exit code 12 (role-refused: the SuperLink refused to activate this "
+        "SuperNode: its public key is not registered (the operator runs `hpcfed kit flower "
+        "register`); flower exit code 305)"
     ), log[-3000:]
+    job_id = _status(name)["job_id"]
+    shown = run(["scontrol", "show", "job", job_id, "-o"], env=SLURM_ENV).stdout
+    assert " ExitCode=12:0 " in shown, shown
     names = {n.get("name") for n in flower.nodes() if n.get("status") == "online"}
     assert "hospital-x" not in names
 

@@ -237,7 +237,7 @@ def test_a_known_failure_is_named_in_one_line_and_a_passing_one_retried(tmp_path
     out = proc.stdout + proc.stderr
     assert (
         "flower supernode: the SuperLink refused to activate this SuperNode: its public key is "
-        "not registered (the operator runs `hpcfed kit flower register`) (exit code 305)"
+        "not registered (the operator runs `hpcfed kit flower register`) (flower exit code 305)"
     ) in out
     assert "retrying in 10s" in out and "accepted" in out
     assert proc.returncode == 0 and "role ended: exit code 0" in out
