@@ -87,9 +87,18 @@ def _up(release: str, say) -> DockerLab:
     return DockerLab(DockerCluster(spec), info)
 
 
-def _down(release: str) -> None:
-    proc = hpcfed("testcluster", "down", "--engine", "docker", "--slurm", release, timeout=300)
+def _down(lab: DockerLab) -> None:
+    release = lab.slurm
+    args = ("testcluster", "down", "--engine", "docker", "--slurm", release, "--json")
+    proc = hpcfed(*args, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # It says what it removed: every host's container, both networks, both volumes ...
+    removed = json.loads(proc.stdout)
+    assert len(removed["containers"]) == len(lab.spec.hosts), removed
+    assert len(removed["networks"]) == 2 and len(removed["volumes"]) == 2, removed
+    # ... and nothing of it is left.
+    again = json.loads(hpcfed(*args, timeout=300).stdout)
+    assert not any(again.values()), again
 
 
 @pytest.fixture(
@@ -100,7 +109,7 @@ def docker_lab_fixture(request):
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     lab = _up(request.param, lambda line: reporter and reporter.write_line("\n" + line))
     yield lab
-    _down(request.param)
+    _down(lab)
 
 
 def wait_for(what, predicate, timeout=120, interval=1.0):

@@ -6,6 +6,7 @@ users use it. The GPUs are fake (character devices): there is no GPU here."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -13,7 +14,7 @@ import uuid
 
 import pytest
 from docker_cluster import docker_lab_fixture, wait_for  # noqa: F401  (the fixture)
-from helpers import hpcfed
+from helpers import hpcfed, need
 
 pytestmark = [pytest.mark.docker, pytest.mark.slurm]
 
@@ -65,9 +66,29 @@ def test_login_nodes_share_home(docker_lab):
     docker_lab.sh("login2", f"rm -f {path}", user=docker_lab.user)
 
 
-def test_apptainer_runs_inside_a_compute_node(docker_lab):
-    proc = docker_lab.sh("node1", "apptainer --version && test -c /dev/fuse")
-    assert proc.returncode == 0 and proc.stdout.startswith("apptainer version"), proc.stderr
+@pytest.mark.parametrize("host", ["node1", "login2"])
+def test_apptainer_runs_a_contained_image_as_the_user(docker_lab, host):
+    """As hpcfed runs roles (compute nodes) and admin consoles (login nodes): --containall,
+    which needs FUSE, user and PID namespaces and a fresh /proc inside the container."""
+    base = "/var/cache/hpcfed/base-bookworm.sif"  # scripts/bootstrap.d/30-apptainer.sh
+    need(os.path.exists(base), "the offline base image (30-apptainer.sh)")
+    sif = f"/tmp/base-{uuid.uuid4().hex[:6]}.sif"
+    subprocess.run(["docker", "cp", base, f"{docker_lab.spec.container(host)}:{sif}"], check=True)
+    docker_lab.root(host, "chmod", "0644", sif)
+    try:
+        inner = "readlink /proc/self/ns/pid; grep ^VERSION_CODENAME= /etc/os-release"
+        proc = docker_lab.sh(
+            host,
+            f"apptainer exec --containall --cleanenv {sif} sh -c '{inner}'",
+            user=docker_lab.user,
+        )
+        assert proc.returncode == 0, proc.stderr
+        pidns, codename = proc.stdout.split()[-2:]
+        assert codename == "VERSION_CODENAME=bookworm", proc.stdout
+        # Its own PID namespace, with its own /proc: not the node's.
+        assert pidns != docker_lab.sh(host, "readlink /proc/self/ns/pid").stdout.strip(), pidns
+    finally:
+        docker_lab.root(host, "rm", "-f", sif)
 
 
 # ---- the network: compute nodes reach nothing but UDP to the hub's WireGuard port

@@ -186,23 +186,27 @@ class DockerCluster:
 
     # ---- down
     def down(self) -> dict:
-        """Remove what this cluster created (by its label); nothing else. Safe twice."""
+        """Remove what this cluster created (by its label); nothing else. Safe twice.
+        Reports what was there before (compose removes most of it, the rest goes by label)."""
         docker_ok()
-        if os.path.exists(self.compose_file):
-            self.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=300)
-        removed: dict[str, list[str]] = {"containers": [], "networks": [], "volumes": []}
         selector = f"label={LABEL}={self.spec.project}"
-        for kind, ls, rm in (
+        kinds = (
             ("containers", ["docker", "ps", "-aq"], ["docker", "rm", "-f", "-v"]),
             ("networks", ["docker", "network", "ls", "-q"], ["docker", "network", "rm"]),
             ("volumes", ["docker", "volume", "ls", "-q"], ["docker", "volume", "rm", "-f"]),
-        ):
-            ids = subprocess.run(
-                [*ls, "--filter", selector], capture_output=True, text=True
-            ).stdout.split()
-            if ids:
-                subprocess.run([*rm, *ids], capture_output=True, text=True)
-                removed[kind] = ids
+        )
+
+        def listed(ls: list[str]) -> list[str]:
+            out = subprocess.run([*ls, "--filter", selector], capture_output=True, text=True)
+            return out.stdout.split()
+
+        removed = {kind: listed(ls) for kind, ls, _ in kinds}
+        if os.path.exists(self.compose_file):
+            self.compose("down", "-v", "--remove-orphans", "-t", "10", timeout=300)
+        for _, ls, rm in kinds:
+            left = listed(ls)
+            if left:
+                subprocess.run([*rm, *left], capture_output=True, text=True)
         return removed
 
     # ---- status

@@ -19,6 +19,8 @@ from hpcfed.testcluster.docker_spec import LABEL, SLURM_ETC, DockerClusterSpec
 
 RECIPES = Path(__file__).resolve().parent / "docker"
 ENTRYPOINT = "/usr/local/sbin/hpcfed-node"
+# Apptainer needs namespaces and FUSE; hpcfed-node.sh also unmasks /proc for its --containall.
+APPTAINER_SECURITY = ("seccomp=unconfined", "apparmor=unconfined")
 COMPUTE_CAPS = (
     "SYS_ADMIN",
     "NET_ADMIN",
@@ -112,16 +114,21 @@ def compose_document(spec: DockerClusterSpec, image: str) -> dict:
             on(node, "cluster", "internet"),
             ["munge:/etc/munge", "home:/home", *_mounts("slurm.conf", "gres.conf")],
             cap_add=list(COMPUTE_CAPS),
-            security_opt=["seccomp=unconfined", "apparmor=unconfined"],
+            security_opt=list(APPTAINER_SECURITY),
             devices=["/dev/fuse:/dev/fuse"],
             device_cgroup_rules=["c 195:* rmw"],  # the fake GPUs, /dev/nvidiaN
         )
     for login in spec.login_names:
+        # Apptainer works on the login nodes too (FUSE, namespaces), as on most sites: the
+        # federation's admin console runs in the framework's image there.
         services[login] = service(
             login,
             "login",
             on(login, "cluster", "internet"),
             ["munge:/etc/munge", "home:/home", *_mounts("slurm.conf", "gres.conf")],
+            cap_add=list(COMPUTE_CAPS),
+            security_opt=list(APPTAINER_SECURITY),
+            devices=["/dev/fuse:/dev/fuse"],
         )
     services["hub"] = service(
         "hub",

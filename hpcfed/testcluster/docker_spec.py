@@ -120,6 +120,12 @@ class DockerClusterSpec:
         raise KeyError(host)
 
     @property
+    def internet_gateway_ip(self) -> str:
+        """The Docker host's own address on the "internet" network (a service run on the host
+        there, e.g. the tests' NVFlare dashboard, is on the hub's side of the cluster)."""
+        return self._net(1) + ".1"
+
+    @property
     def hub_ip(self) -> str:
         return self.internet_ip("hub")
 

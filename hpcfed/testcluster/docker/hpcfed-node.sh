@@ -50,6 +50,17 @@ firewall() {
     say "firewall: out only to slurmctld:$HPCFED_SLURMCTLD_PORT, slurmd:$HPCFED_SLURMD_PORT, UDP $HPCFED_HUB_IP:$HPCFED_WG_PORT"
 }
 
+# Apptainer's --containall mounts a fresh /proc in a new PID namespace; the kernel refuses that
+# while parts of /proc are hidden by other mounts, and Docker hides some (/proc/keys, a
+# read-only /proc/sys, ...). docker-compose cannot ask for `systempaths=unconfined`, so undo
+# them here (a test cluster: the host's /proc is no secret to its own containers).
+unmask_proc() {
+    local p
+    for p in $(awk '$2 ~ "^/proc/" {print $2}' /proc/self/mounts | sort -r); do
+        umount "$p" 2>/dev/null || umount -l "$p" || say "cannot unmask $p"
+    done
+}
+
 fake_gpus() {
     local i
     for i in $(seq 0 $((HPCFED_GPUS - 1))); do
@@ -93,6 +104,7 @@ SQL
 }
 
 compute() {
+    unmask_proc
     firewall
     fake_gpus
     munge_up
@@ -100,6 +112,7 @@ compute() {
 }
 
 login() {
+    unmask_proc
     munge_up
     [ -s /etc/ssh/ssh_host_ed25519_key ] || ssh-keygen -A >/dev/null
     /usr/sbin/sshd
