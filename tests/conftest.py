@@ -51,6 +51,21 @@ def pytest_configure(config):
     _CONFIG.append(config)
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.docker_releases("22.05")`: run a test on the Docker test cluster of these
+    Slurm releases only. The others are deselected (not skipped), and every test shares the one
+    session-wide cluster per release (an indirect parametrisation would start a second one)."""
+    keep, drop = [], []
+    for item in items:
+        mark = item.get_closest_marker("docker_releases")
+        params = getattr(item, "callspec", None)
+        release = params.params.get("docker_lab") if params else None
+        (drop if mark and release not in mark.args else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 def pytest_runtest_logreport(report):
     if report.skipped and _CONFIG:
         stash = _CONFIG[0].stash

@@ -26,9 +26,9 @@ ADMIN_EMAIL = "admin@fed.test"
 API_BASES = ("/nvflare-dashboard/api/v1", "/api/v1")  # NVFlare 2.6+, 2.5 and older
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -43,13 +43,17 @@ class Dashboard:
     passphrase: str = ""  # NVFL_DASHBOARD_PP: encrypts the root-CA key in the database
     fl_port: int = 0
     api: str = API_BASES[0]
+    ca_file: str = ""  # https: the self-signed certificate clients must trust
     users: dict = field(default_factory=dict)  # email -> password
     orgs: dict = field(default_factory=dict)  # email -> organisation
 
     # --- REST helpers (the browser's calls) -----------------------------------------------
     def login(self, email: str, password: str) -> str:
         r = requests.post(
-            self.url + self.api + "/login", json={"email": email, "password": password}, timeout=30
+            self.url + self.api + "/login",
+            json={"email": email, "password": password},
+            timeout=30,
+            verify=self.verify,
         )
         r.raise_for_status()
         return r.json()["access_token"]
@@ -57,8 +61,17 @@ class Dashboard:
     def call(self, method: str, path: str, token: Optional[str] = None, **kw) -> requests.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         return requests.request(
-            method, self.url + self.api + path, headers=headers, timeout=60, **kw
+            method,
+            self.url + self.api + path,
+            headers=headers,
+            timeout=60,
+            verify=self.verify,
+            **kw,
         )
+
+    @property
+    def verify(self):
+        return self.ca_file or True
 
     def admin(self) -> str:
         return self.login(ADMIN_EMAIL, self.admin_password)
@@ -146,14 +159,34 @@ class Dashboard:
         shutil.rmtree(self.web_root, ignore_errors=True)
 
 
-def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> Dashboard:
-    """Start a fresh dashboard (new database, so a new root CA) on a free loopback port.
+def _self_signed(web_root: str, host: str) -> tuple[str, str]:
+    """A certificate for `host` (an IP address) and its key, 0600 in the dashboard's folder."""
+    cert, key = os.path.join(web_root, "tls.crt"), os.path.join(web_root, "tls.key")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=nvflare-dashboard",
+         "-addext", f"subjectAltName=IP:{host}"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    os.chmod(key, 0o600)
+    return cert, key
+
+
+def start_dashboard(
+    timeout: float = 60,
+    nvflare_root: Optional[str] = None,
+    host: str = "127.0.0.1",
+    tls: bool = False,
+) -> Dashboard:
+    """Start a fresh dashboard (new database, so a new root CA) on a free port of `host`
+    (loopback, or the Docker test cluster's "internet" network for its login nodes). `tls`:
+    https with a self-signed certificate (`Dashboard.ca_file`), as a real dashboard is served.
 
     `nvflare_root`: a folder holding another nvflare version's package (pip install --no-deps
     --target), run with this venv's Flask & co; default: the installed nvflare.
     """
     web_root = tempfile.mkdtemp(prefix="hpcfed-dashboard-")
-    port = free_port()
+    port = free_port(host)
     admin_password = secrets.token_hex(12)
     passphrase = secrets.token_hex(16)
     env = dict(os.environ)
@@ -170,15 +203,20 @@ def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> 
         import nvflare
 
         dash_dir = os.path.join(os.path.dirname(nvflare.__file__), "dashboard")
+    ca_file, tls_args = "", []
+    if tls:
+        ca_file, key = _self_signed(web_root, host)
+        tls_args = ["--certfile", ca_file, "--keyfile", key]
     argv = [
         sys.executable,
         "-m",
         "gunicorn",
+        *tls_args,
         "-w",
         "1",
         "--no-control-socket",
         "-b",
-        f"127.0.0.1:{port}",
+        f"{host}:{port}",
         "--pythonpath",
         dash_dir,
         "nvflare.dashboard.wsgi:app",
@@ -186,11 +224,12 @@ def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> 
     log = open(os.path.join(web_root, "gunicorn.log"), "wb")
     proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=web_root)
     dash = Dashboard(
-        url=f"http://127.0.0.1:{port}",
+        url=f"{'https' if tls else 'http'}://{host}:{port}",
         admin_password=admin_password,
         web_root=web_root,
         proc=proc,
         passphrase=passphrase,
+        ca_file=ca_file,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -200,7 +239,7 @@ def start_dashboard(timeout: float = 60, nvflare_root: Optional[str] = None) -> 
             )
         for base in API_BASES:
             try:
-                if requests.get(dash.url + base + "/project", timeout=2).ok:
+                if requests.get(dash.url + base + "/project", timeout=2, verify=dash.verify).ok:
                     dash.api = base
                     return dash
             except requests.RequestException:

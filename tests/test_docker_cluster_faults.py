@@ -21,7 +21,7 @@ from test_docker_cluster import _active_jobs, _submit, _wait_state, unique
 pytestmark = [
     pytest.mark.docker,
     pytest.mark.slurm,
-    pytest.mark.parametrize("docker_lab", ["22.05"], indirect=True, ids=["slurm22.05"]),
+    pytest.mark.docker_releases("22.05"),
 ]
 
 
@@ -214,11 +214,17 @@ def test_hub_restart_tunnels_recover_without_resubmission(echo_through_tunnel):
     subprocess.run(["docker", "restart", "-t", "5", lab.spec.container("hub")], check=True)
     lab.cluster.wait_ready(["hub"])
     wait_for("an echo after the hub restart", lambda: _echo(lab, "node2", "hub"), 120, 2)
-    after = {
-        n: _handshakes(lab, n, f"{home}/{s}.status")
-        for n, s in (("node1", "srv"), ("node2", "cli"))
-    }
-    assert all(after[n] > before[n] for n in after), (before, after)
+
+    def handshaken_again():
+        after = {
+            n: _handshakes(lab, n, f"{home}/{s}.status")
+            for n, s in (("node1", "srv"), ("node2", "cli"))
+        }
+        return all(after[n] > before[n] for n in after) and after
+
+    # Both peers made a new handshake with the restarted hub (the status file is rewritten
+    # every second, so the echo may come through before the file says so).
+    wait_for(f"new handshakes on both peers (before: {before})", handshaken_again, 30, 1)
     # the same two jobs, never resubmitted
     states = lab.root("slurmctld", "squeue", "-h", "-j", ",".join(t["jobs"]), "-o", "%T").stdout
     assert states.split() == ["RUNNING", "RUNNING"], states
