@@ -349,3 +349,13 @@ def test_hub_restart_every_tunnel_recovers_without_resubmission(docker_federatio
     for site in fed.deployments:
         d = fed.status(site)
         assert d["job_state"] == "RUNNING" and d["job_id"] == jobs[site], (site, d)
+
+
+def test_the_dashboard_is_on_the_hubs_side_reached_from_login_nodes_only(docker_federation):
+    fed, lab = docker_federation, docker_federation.lab
+    host_port = fed.dashboard.url.split("//")[1]
+    ip, port = host_port.rsplit(":", 1)
+    probe = f"nc -z -w 3 {ip} {port}"
+    assert lab.sh("login2", probe, timeout=30).returncode == 0
+    for node in ("node1", "node2"):
+        assert lab.sh(node, probe, timeout=30).returncode != 0, node
