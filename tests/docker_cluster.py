@@ -95,10 +95,13 @@ def _down(lab: DockerLab) -> None:
     # It says what it removed: every host's container, both networks, both volumes ...
     removed = json.loads(proc.stdout)
     assert len(removed["containers"]) == len(lab.spec.hosts), removed
-    assert len(removed["networks"]) == 2 and len(removed["volumes"]) == 2, removed
-    # ... and nothing of it is left.
+    # (a network the Docker daemon refuses to remove is reported, not hidden)
+    assert len(removed["networks"]) + len(removed["stuck_networks"]) == 2, removed
+    assert len(removed["volumes"]) == 2, removed
+    # ... and nothing of it is left but such a network.
     again = json.loads(hpcfed(*args, timeout=300).stdout)
-    assert not any(again.values()), again
+    assert not again["containers"] and not again["volumes"], again
+    assert again["stuck_networks"] == removed["stuck_networks"], again
 
 
 @pytest.fixture(

@@ -147,12 +147,19 @@ def down(prefix, engine, slurm_release, as_json):
     """
     if engine == "docker":
         removed = _docker(slurm_release).down()
+        for net in removed["stuck_networks"]:
+            click.echo(
+                f"hpcfed: warning: network {net} stays: the Docker daemon still counts an "
+                "endpoint on it (a Docker fault after a killed container); `up` reuses it, "
+                "restarting the Docker daemon removes it",
+                err=True,
+            )
         emit(
             removed,
             as_json,
             lambda d: click.echo(
                 "removed "
-                + ", ".join(f"{len(v)} {k}" for k, v in d.items())
+                + ", ".join(f"{len(d[k])} {k}" for k in ("containers", "networks", "volumes"))
                 + (" (nothing was there)" if not any(d.values()) else "")
             ),
         )
