@@ -8,7 +8,7 @@ is serialised to JSON inside the sbatch script and read back by `hpcfed job run`
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from pydantic import BaseModel, ConfigDict
 
@@ -17,7 +17,9 @@ from hpcfed.errors import ConfigError
 from hpcfed.frameworks import Role, credentials_name, fill_command, local_port_names
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
-from hpcfed.profiles.schema import one_word
+from hpcfed.profiles.schema import Preemption as Preemption  # re-exported: the plan's sections
+from hpcfed.profiles.schema import PreflightOptions, SchedulerSettings, one_word
+from hpcfed.profiles.schema import Rejoin as Rejoin
 from hpcfed.profiles.units import human_duration, parse_duration
 from hpcfed.scheduler.target import SchedulerTarget as SchedulerTarget  # re-exported
 from hpcfed.scheduler.target import SshTarget as SshTarget
@@ -48,9 +50,10 @@ class Resources(_Frozen):
 
 
 class Container(_Frozen):
-    apptainer: str = "apptainer"
-    gpu_flag: Optional[str] = "nv"
-    binds: Tuple[str, ...] = ()
+    # apptainer.binary, .gpu_flag and .binds of the profile (their defaults are the schema's)
+    apptainer: str
+    gpu_flag: Optional[str]
+    binds: Tuple[str, ...]
 
 
 class Tunnel(_Frozen):
@@ -66,24 +69,13 @@ class Tunnel(_Frozen):
     listen_port: Optional[int] = None
 
 
-class Preflight(_Frozen):
-    enabled: bool
-    allow_without_nvml: bool
-    min_memory_mib: Optional[int]
+class _PreflightSwitch(_Frozen):
+    enabled: bool  # the job checks its GPUs before the role starts (it has GPUs)
 
 
-class Preemption(_Frozen):
-    requeue: bool
-    signal: str
-    lead_time: int
-    grace: int
-
-
-class Rejoin(_Frozen):
-    backoff: int = 30
-    max_backoff: int = 1800
-    max_resubmits: int = 5
-    window: int = 21600
+# Listed in this order, the switch's field comes first, as plans have always stored it.
+class Preflight(PreflightOptions, _PreflightSwitch):
+    """Whether the job runs the GPU preflight check, and the profile's options for it."""
 
 
 class Plan(_Frozen):
@@ -112,7 +104,7 @@ class Plan(_Frozen):
     tunnel: Optional[Tunnel]
     preflight: Preflight
     preemption: Preemption
-    rejoin: Rejoin = Rejoin()
+    rejoin: Rejoin = Rejoin()  # plans written before rejoin existed: the schema's defaults
     hpcfed_command: str
     template: str
 
@@ -228,6 +220,139 @@ def _expand_workdir(workdir: str, user: str) -> str:
     return w
 
 
+class GpuRequest(NamedTuple):
+    gpus: int
+    gpu_type: Optional[str]  # None without GPUs
+
+
+def resolve_gpus(
+    site: LoadedSite, role: Role, gpus: Optional[int], gpu_type: Optional[str]
+) -> GpuRequest:
+    """How many GPUs of which type: the flags checked against the site, else its defaults."""
+    g = site.profile.gpus
+    n_gpus = role.default_gpus if gpus is None else gpus
+    if n_gpus < 0:
+        raise ConfigError(f"--gpus {n_gpus}: must be 0 or more")
+    if n_gpus > g.max_per_node:
+        raise ConfigError(
+            f"--gpus {n_gpus}: above the maximum of {g.max_per_node} per node of site "
+            f"{site.name} (gpus.max_per_node in {site.source_of('gpus.max_per_node')})"
+        )
+    if gpu_type is not None:
+        if not g.types:
+            raise ConfigError(
+                f"--gpu-type {gpu_type}: site {site.name} lists no GPU types "
+                f"(gpus.types in {site.source_of('gpus.types')})"
+            )
+        if gpu_type not in g.types:
+            raise ConfigError(
+                f"--gpu-type {gpu_type}: unknown GPU type for site {site.name} "
+                f"(known: {', '.join(g.types)}; gpus.types in {site.source_of('gpus.types')})"
+            )
+    if n_gpus == 0:
+        return GpuRequest(0, None)
+    return GpuRequest(n_gpus, gpu_type if gpu_type is not None else g.default_type)
+
+
+def resolve_time(site: LoadedSite, time: Optional[str]) -> int:
+    """The job's time limit in seconds: --time, else the site's default; never above its max."""
+    t = site.profile.time
+    if time is None:
+        seconds = t.default
+        time_src = f"time.default in {site.source_of('time.default')}"
+    else:
+        try:
+            seconds = parse_duration(time)
+        except ValueError as exc:
+            raise ConfigError(f"--time {time}: {exc}") from None
+        time_src = f"--time {time}"
+    if t.max is not None and seconds > t.max:
+        raise ConfigError(
+            f"{time_src}: {human_duration(seconds)} is above the maximum "
+            f"{human_duration(t.max)} of site {site.name} (time.max in {site.source_of('time.max')})"
+        )
+    return seconds
+
+
+def resolve_partition(site: LoadedSite, role: Role, partition: Optional[str]) -> Optional[str]:
+    """--partition (or a profile alias it names), else the profile's for the role, side or default.
+
+    A profile's partitions name roles or sides (server/client), so they apply to every framework.
+    """
+    parts = site.profile.partitions
+    if not partition:
+        return parts.get(role.name) or parts.get(role.side) or parts.get("default")
+    part = parts.get(partition, partition)
+    try:
+        one_word(part)
+    except ValueError as exc:
+        raise ConfigError(f"--partition {exc}") from None
+    return part
+
+
+class CpusMemory(NamedTuple):
+    cpus: int
+    memory_mb: int
+
+
+def resolve_cpus_memory(site: LoadedSite, n_gpus: int) -> CpusMemory:
+    """The profile's CPUs and memory, raised to its per-GPU amounts for a job with GPUs."""
+    p = site.profile
+    return CpusMemory(
+        max(p.cpus, n_gpus * (p.gpus.cpus_per_gpu or 0)),
+        max(p.memory, n_gpus * (p.gpus.mem_per_gpu or 0)),
+    )
+
+
+def resolve_own_command(
+    role: Role, command: Optional[str], kit: Optional[str]
+) -> Optional[Tuple[str, ...]]:
+    """--command as the entry (None: the role's own, which then needs its kit)."""
+    if command is not None:
+        if not command.strip():
+            raise ConfigError("--command: empty")
+        return ("sh", "-c", command)
+    if role.needs_kit and not kit:
+        raise ConfigError(
+            f"--kit: the {role.framework} {role.name} needs its {credentials_name(role)} "
+            "directory (or --command CMD to run something else)"
+        )
+    return None
+
+
+def resolve_tunnel(
+    role: Role,
+    tunnel_config: Optional[str],
+    local_forwards: Tuple[str, ...],
+    remote_forwards: Tuple[str, ...],
+    server_address: Optional[Tuple[str, int]],
+) -> Optional[Tunnel]:
+    """The job's tunnel (forwards checked now, by the parser the job uses), or None."""
+    if not tunnel_config:
+        if local_forwards or remote_forwards:
+            raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
+        return None
+    local, remote = parse_forwards(local_forwards, remote_forwards)
+    return Tunnel(
+        config=tunnel_config,
+        local_forwards=tuple(local_forwards),
+        remote_forwards=tuple(remote_forwards),
+        hosts=tunnel_hosts(role.side, server_address, local, remote),
+        listen_port=server_listen_port(role.side, server_address, remote),
+    )
+
+
+def scheduler_target(s: SchedulerSettings) -> SchedulerTarget:
+    """Where the site's jobs go: the profile's scheduler section as a plan records it."""
+    return SchedulerTarget(
+        backend=s.backend,
+        connect=s.connect,
+        ssh=SshTarget(**s.ssh.model_dump()),
+        env=dict(s.env),
+        timeout=s.timeout,
+    )
+
+
 def build_plan(
     *,
     site: LoadedSite,
@@ -252,106 +377,29 @@ def build_plan(
     check_name("--name", name)
     check_name("site", site.name)
 
-    n_gpus = role.default_gpus if gpus is None else gpus
-    if n_gpus < 0:
-        raise ConfigError(f"--gpus {n_gpus}: must be 0 or more")
-    if n_gpus > p.gpus.max_per_node:
-        raise ConfigError(
-            f"--gpus {n_gpus}: above the maximum of {p.gpus.max_per_node} per node of site "
-            f"{site.name} (gpus.max_per_node in {site.source_of('gpus.max_per_node')})"
-        )
-    g_type = gpu_type if gpu_type is not None else p.gpus.default_type
-    if gpu_type is not None:
-        if not p.gpus.types:
-            raise ConfigError(
-                f"--gpu-type {gpu_type}: site {site.name} lists no GPU types "
-                f"(gpus.types in {site.source_of('gpus.types')})"
-            )
-        if gpu_type not in p.gpus.types:
-            raise ConfigError(
-                f"--gpu-type {gpu_type}: unknown GPU type for site {site.name} "
-                f"(known: {', '.join(p.gpus.types)}; gpus.types in {site.source_of('gpus.types')})"
-            )
-    if n_gpus == 0:
-        g_type = None
-
-    if time is None:
-        seconds = p.time.default
-        time_src = f"time.default in {site.source_of('time.default')}"
-    else:
-        try:
-            seconds = parse_duration(time)
-        except ValueError as exc:
-            raise ConfigError(f"--time {time}: {exc}") from None
-        time_src = f"--time {time}"
-    if p.time.max is not None and seconds > p.time.max:
-        raise ConfigError(
-            f"{time_src}: {human_duration(seconds)} is above the maximum "
-            f"{human_duration(p.time.max)} of site {site.name} (time.max in {site.source_of('time.max')})"
-        )
-
-    # A profile's partitions name roles or sides (server/client), so they apply to every framework.
-    part = (
-        partition
-        or p.partitions.get(role.name)
-        or p.partitions.get(role.side)
-        or p.partitions.get("default")
+    gpu = resolve_gpus(site, role, gpus, gpu_type)
+    seconds = resolve_time(site, time)
+    part = resolve_partition(site, role, partition)
+    cpus, memory = resolve_cpus_memory(site, gpu.gpus)
+    own_command = resolve_own_command(role, command, kit)
+    tunnel = resolve_tunnel(role, tunnel_config, local_forwards, remote_forwards, server_address)
+    entry = own_command or role_command(
+        role, server_address, tunnel.listen_port if tunnel else None
     )
-    part = p.partitions.get(part, part) if partition else part  # a flag may name an alias
-    if partition:
-        try:
-            one_word(part)
-        except ValueError as exc:
-            raise ConfigError(f"--partition {exc}") from None
-
-    cpus = max(p.cpus, n_gpus * (p.gpus.cpus_per_gpu or 0))
-    memory = max(p.memory, n_gpus * (p.gpus.mem_per_gpu or 0))
-
-    if command is not None:
-        if not command.strip():
-            raise ConfigError("--command: empty")
-        entry: Tuple[str, ...] = ("sh", "-c", command)
-    elif role.needs_kit and not kit:
-        raise ConfigError(
-            f"--kit: the {role.framework} {role.name} needs its {credentials_name(role)} "
-            "directory (or --command CMD to run something else)"
-        )
-
-    tunnel = None
-    if tunnel_config:
-        local, remote = parse_forwards(local_forwards, remote_forwards)
-        tunnel = Tunnel(
-            config=tunnel_config,
-            local_forwards=tuple(local_forwards),
-            remote_forwards=tuple(remote_forwards),
-            hosts=tunnel_hosts(role.side, server_address, local, remote),
-            listen_port=server_listen_port(role.side, server_address, remote),
-        )
-    elif local_forwards or remote_forwards:
-        raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
-    if command is None:
-        entry = role_command(role, server_address, tunnel.listen_port if tunnel else None)
     if image and kit:
         bind_path(kit, "--kit")  # mounted into the container: apptainer splits on ',' and ':'
 
-    ssh = p.scheduler.ssh
     return Plan(
         name=name,
         deployment_id=deployment_id,
         role=role.name,
         framework=role.framework,
         site=site.name,
-        scheduler=SchedulerTarget(
-            backend=p.scheduler.backend,
-            connect=p.scheduler.connect,
-            ssh=SshTarget(**ssh.model_dump()),
-            env=dict(p.scheduler.env),
-            timeout=p.scheduler.timeout,
-        ),
+        scheduler=scheduler_target(p.scheduler),
         resources=Resources(
-            gpus=n_gpus,
-            gpu_type=g_type,
-            gpu_option=gpu_option(p.gpus.dialect, n_gpus, g_type),
+            gpus=gpu.gpus,
+            gpu_type=gpu.gpu_type,
+            gpu_option=gpu_option(p.gpus.dialect, gpu.gpus, gpu.gpu_type),
             cpus=cpus,
             memory_mb=memory,
             time_seconds=seconds,
@@ -379,17 +427,9 @@ def build_plan(
             binds=tuple(p.apptainer.binds),
         ),
         tunnel=tunnel,
-        preflight=Preflight(
-            enabled=n_gpus > 0,
-            allow_without_nvml=p.preflight.allow_without_nvml,
-            min_memory_mib=p.preflight.min_memory_mib,
-        ),
-        preemption=Preemption(
-            requeue=p.preemption.requeue,
-            signal=p.preemption.signal,
-            lead_time=p.preemption.lead_time,
-            grace=p.preemption.grace,
-        ),
+        preflight=Preflight(enabled=gpu.gpus > 0, **p.preflight.model_dump()),
+        # the profile's sections, in the plan's own (unparsing) models
+        preemption=Preemption(**p.preemption.model_dump()),
         rejoin=Rejoin(**p.rejoin.model_dump()),
         hpcfed_command=p.hpcfed_command,
         template=role.template,

@@ -21,7 +21,7 @@ def _run(runner, argv):
 def _checks(site_name: str):
     """Yield (check, ok, detail, fix) for one site; later checks are skipped when earlier fail."""
     from hpcfed import deploy
-    from hpcfed.plan import SchedulerTarget
+    from hpcfed.plan import scheduler_target
     from hpcfed.profiles import load_site
 
     try:
@@ -31,13 +31,7 @@ def _checks(site_name: str):
         return
     p = loaded.profile
     yield "profile", True, f"valid ({', '.join(loaded.files)})", ""
-    target = SchedulerTarget(
-        backend=p.scheduler.backend,
-        connect=p.scheduler.connect,
-        ssh=p.scheduler.ssh.model_dump(),
-        env=dict(p.scheduler.env),
-        timeout=p.scheduler.timeout,
-    )
+    target = scheduler_target(p.scheduler)  # as a plan of this site records it
     try:
         runner, sched = deploy.connect(target)
     except HpcfedError as exc:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
 from hpcfed import paths
 from hpcfed.errors import ConfigError, NotFound
 from hpcfed.names import check_name
+
+if TYPE_CHECKING:
+    from hpcfed.profiles.schema import SiteProfile
 
 ENV_PREFIX = "HPCFED_SITE__"
 DEFAULT = "default"
@@ -31,7 +34,7 @@ class Layer:
 @dataclass(frozen=True)
 class LoadedSite:
     name: str
-    profile: Any  # hpcfed.profiles.schema.SiteProfile
+    profile: SiteProfile
     provenance: Dict[str, str] = field(default_factory=dict)  # dotted key -> source
     files: Tuple[str, ...] = ()
 

@@ -52,8 +52,11 @@ def apptainer_bind(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = _STRICT
 
 
 class SshSettings(_Strict):
@@ -136,11 +139,26 @@ class ApptainerSettings(_Strict):
         return [apptainer_bind(b) for b in v]
 
 
-class PreemptionSettings(_Strict):
+class _Values(BaseModel):
+    """A section as a plan stores it: the values a job runs with (durations in seconds), checked
+    against these fields without the profile's parsing (a stored 90 is 90 s, not 90 min)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Preemption(_Values):
+    """What the job asks Slurm for before its time ends, and how the role is stopped."""
+
     requeue: bool = True
     signal: str = "USR2"  # asked for with --signal=B:SIG@lead_time (USR1 clashes with NCCL)
     lead_time: int = 90  # seconds before the end
     grace: int = 20  # seconds the role gets between its graceful stop and KILL
+
+
+class PreemptionSettings(Preemption):
+    """`preemption:` as a profile writes it (durations like `90s`, signal names like SIGUSR2)."""
+
+    model_config = _STRICT
 
     @field_validator("lead_time", "grace", mode="before")
     @classmethod
@@ -156,7 +174,7 @@ class PreemptionSettings(_Strict):
         return m.group(2)
 
 
-class RejoinSettings(_Strict):
+class Rejoin(_Values):
     """How `hpcfed rejoin` brings a lost deployment back: backoff between resubmissions of one
     deployment, and a cap on how many in a window (then it waits for the user)."""
 
@@ -165,15 +183,29 @@ class RejoinSettings(_Strict):
     max_resubmits: int = Field(default=5, ge=1)
     window: int = 6 * 3600
 
+
+class RejoinSettings(Rejoin):
+    """`rejoin:` as a profile writes it (durations like `30m`)."""
+
+    model_config = _STRICT
+
     @field_validator("backoff", "max_backoff", "window", mode="before")
     @classmethod
     def _dur(cls, v: object) -> int:
         return parse_duration(v)
 
 
-class PreflightSettings(_Strict):
+class PreflightOptions(_Values):
+    """How the job's GPU preflight check judges the node (it runs for jobs with GPUs)."""
+
     allow_without_nvml: bool = False
     min_memory_mib: Optional[int] = Field(default=None, ge=0)
+
+
+class PreflightSettings(PreflightOptions):
+    """`preflight:` as a profile writes it."""
+
+    model_config = _STRICT
 
 
 class SiteProfile(_Strict):

@@ -64,11 +64,12 @@ def decide(dep: Deployment, info: Optional[JobInfo], now: float) -> Tuple[str, s
             f"job {dep.job_id} {info.state}: the role ended by itself; not resubmitted "
             f"(`hpcfed submit` to start it again)"
         )
-    policy = dep.plan.get("rejoin") or {}
-    backoff = int(policy.get("backoff", 30))
-    max_backoff = int(policy.get("max_backoff", 1800))
-    cap = int(policy.get("max_resubmits", 5))
-    window = int(policy.get("window", 21600))
+    from hpcfed.profiles.schema import Rejoin
+
+    # A plan recorded before it had a rejoin policy gets the profile schema's defaults.
+    policy = Rejoin.model_validate(dep.plan.get("rejoin") or {})
+    backoff, max_backoff = policy.backoff, policy.max_backoff
+    cap, window = policy.max_resubmits, policy.window
     recent = recent_resubmits(dep, window, now)
     if len(recent) >= cap:
         return "gave-up", (
