@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 
 import helpers
 import pytest
+
+# The Docker test cluster fixture is defined here, once for the session: imported into each test
+# module instead, every module had its own session fixture, so a cluster per module, each
+# `up` removing the one before.
+from docker_cluster import docker_lab_fixture  # noqa: F401
 from helpers import IN_CI, XDG_VARS, hpcfed, need
 
 # ---------------------------------------------------------------- isolation

@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from docker_cluster import docker_lab_fixture, wait_for  # noqa: F401  (the fixture)
+from docker_cluster import wait_for
 from helpers import hpcfed, need
 
 pytestmark = [pytest.mark.docker, pytest.mark.slurm]

@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from docker_cluster import docker_lab_fixture, wait_for  # noqa: F401  (the fixture)
+from docker_cluster import wait_for
 from test_docker_cluster import _active_jobs, _submit, _wait_state, unique
 
 # One release is enough for the faults (they test Slurm's and hpcfed's reactions, which the

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from docker_cluster import docker_lab_fixture, wait_for  # noqa: F401  (the fixture)
+from docker_cluster import wait_for
 from helpers import need
 from test_docker_cluster_faults import _peer
 
