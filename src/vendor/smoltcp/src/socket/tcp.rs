@@ -161,6 +161,10 @@ struct RttEstimator {
     timestamp: Option<(Instant, TcpSeqNumber)>,
     max_seq_sent: Option<TcpSeqNumber>,
     rto_count: u8,
+    // hpcfed patch: the last sample in microseconds and a count of samples, for the
+    // delay-based congestion controller (the smoothed rtt above is in milliseconds).
+    last_sample_us: u64,
+    samples: u32,
 }
 
 impl Default for RttEstimator {
@@ -171,6 +175,8 @@ impl Default for RttEstimator {
             timestamp: None,
             max_seq_sent: None,
             rto_count: 0,
+            last_sample_us: 0,
+            samples: 0,
         }
     }
 }
@@ -218,6 +224,9 @@ impl RttEstimator {
         if let Some((sent_timestamp, sent_seq)) = self.timestamp {
             if seq >= sent_seq {
                 self.sample((timestamp - sent_timestamp).total_millis() as u32);
+                // hpcfed patch: keep the sample at full resolution too
+                self.last_sample_us = (timestamp - sent_timestamp).total_micros();
+                self.samples = self.samples.wrapping_add(1);
                 self.timestamp = None;
             }
         }
@@ -403,6 +412,9 @@ pub enum CongestionControl {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic,
+
+    /// hpcfed patch: delay-based (Vegas-like), see congestion/delay.rs.
+    Delay,
 }
 
 /// A Transmission Control Protocol socket.
@@ -599,6 +611,8 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             CongestionControl::Cubic => AnyController::Cubic(cubic::Cubic::new()),
+
+            CongestionControl::Delay => AnyController::Delay(delay::Delay::new()),
         }
     }
 
@@ -614,6 +628,8 @@ impl<'a> Socket<'a> {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(_) => CongestionControl::Cubic,
+
+            AnyController::Delay(_) => CongestionControl::Delay,
         }
     }
 
@@ -1301,6 +1317,12 @@ impl<'a> Socket<'a> {
     /// Note that the Berkeley sockets interface does not have an equivalent of this API.
     pub fn send_queue(&self) -> usize {
         self.tx_buffer.len()
+    }
+
+    /// hpcfed patch (as upstream ba2ab35a): what the congestion window still allows in flight.
+    fn cwnd_remaining(&self) -> usize {
+        let in_flight = self.remote_last_seq - self.local_seq_no;
+        self.congestion_controller.inner().window().saturating_sub(in_flight)
     }
 
     /// Return the amount of octets queued in the receive buffer. This value can be larger than
@@ -2162,8 +2184,9 @@ impl<'a> Socket<'a> {
             0
         };
 
-        // Compare max_send with the congestion window.
-        let max_send = max_send.min(self.congestion_controller.inner().window());
+        // hpcfed patch (as upstream ba2ab35a, after 0.13.1): the congestion window bounds the
+        // data in flight, not each new segment; 0.12 never applied it.
+        let max_send = max_send.min(self.cwnd_remaining());
 
         // Can we send at least 1 octet?
         let mut can_send = max_send != 0;
@@ -2424,7 +2447,8 @@ impl<'a> Socket<'a> {
                 // 3. MSS we can send, determined by our MTU.
                 let size = win_limit
                     .min(self.remote_mss)
-                    .min(cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN);
+                    .min(cx.ip_mtu() - ip_repr.header_len() - TCP_HEADER_LEN)
+                    .min(self.cwnd_remaining()); // hpcfed patch: 4. the congestion window
 
                 let offset = self.remote_last_seq - self.local_seq_no;
                 repr.payload = self.tx_buffer.get_allocated(offset, size);

@@ -4,6 +4,9 @@ use super::RttEstimator;
 
 pub(super) mod no_control;
 
+// hpcfed patch
+pub(super) mod delay;
+
 #[cfg(feature = "socket-tcp-cubic")]
 pub(super) mod cubic;
 
@@ -42,6 +45,8 @@ pub(super) enum AnyController {
 
     #[cfg(feature = "socket-tcp-cubic")]
     Cubic(cubic::Cubic),
+
+    Delay(delay::Delay),
 }
 
 impl AnyController {
@@ -83,6 +88,8 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            AnyController::Delay(d) => d,
         }
     }
 
@@ -96,6 +103,8 @@ impl AnyController {
 
             #[cfg(feature = "socket-tcp-cubic")]
             AnyController::Cubic(c) => c,
+
+            AnyController::Delay(d) => d,
         }
     }
 }
