@@ -3,6 +3,7 @@
 //!
 //! `run` only wires the parts together: `Wire` (UDP + WireGuard), `Health` (handshakes,
 //! readiness, liveness: pure, unit-tested), `StatusFile` (what `hpcfed tunnel status` reads).
+use crate::batch::{self, Slots};
 use crate::files::write_private;
 use crate::forward;
 use crate::spec::{key32, Spec};
@@ -10,9 +11,11 @@ use crate::stack::{Counters, Inbound, Shared, Stack};
 use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use serde::Serialize;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::Interest;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::Notify;
 
@@ -28,13 +31,27 @@ fn epoch() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// Datagrams sent in one `sendmmsg` at most, and received per `recvmmsg`. How many leave at
+/// once is bounded by the congestion window (src/vendor/README.md): a userspace hub's UDP socket
+/// at the kernel default buffer (208 KiB) holds only ~80 full datagrams.
+const SEND_BATCH: usize = 64;
+const RECV_BATCH: usize = 64;
+/// recvmmsg calls per wakeup before the stack runs again (ACKs and window updates go out).
+const RECV_ROUNDS: usize = 4;
+
 /// The UDP socket to the hub and the WireGuard session on it.
 struct Wire {
     tunn: Tunn,
     udp: UdpSocket,
     hub: SocketAddr,
+    hub4: SocketAddrV4,
+    /// Handshakes, cookies and decrypted packets.
     wbuf: Vec<u8>,
-    rbuf: Vec<u8>,
+    /// Encrypted datagrams waiting for one sendmmsg.
+    out: Slots,
+    out_n: usize,
+    /// Datagrams from one recvmmsg.
+    inb: Slots,
     /// Datagrams sent to / received from the hub (packets per byte is what a hub pays for).
     tx_datagrams: u64,
     rx_datagrams: u64,
@@ -56,11 +73,28 @@ impl Wire {
             .ok()
             .and_then(|mut a| a.find(|a| a.is_ipv4()))
             .ok_or_else(|| Stop::Tunnel(format!("cannot resolve the hub endpoint {}", spec.endpoint)))?;
+        let SocketAddr::V4(hub4) = hub else { unreachable!("the hub address is IPv4") };
         let udp = UdpSocket::bind(("0.0.0.0", spec.listen_port.unwrap_or(0)))
             .await
             .map_err(|e| Stop::Tunnel(format!("cannot open a UDP socket: {e}")))?;
         grow_buffers(&udp);
-        Ok(Wire { tunn, udp, hub, wbuf: vec![0u8; 65536 + 256], rbuf: vec![0u8; 65536 + 256], tx_datagrams: 0, rx_datagrams: 0 })
+        // An encrypted packet is the IP packet + 32 bytes (header, tag) + padding to 16 bytes.
+        // Received datagrams may come from a hub with a larger MTU: room for 4 KiB at least,
+        // longer ones are dropped (our TCP never asks for them: its MSS follows our MTU).
+        let out_slot = (spec.mtu + 64).max(256);
+        let in_slot = (spec.mtu + 64).max(4096);
+        Ok(Wire {
+            tunn,
+            udp,
+            hub,
+            hub4,
+            wbuf: vec![0u8; 65536 + 256],
+            out: Slots::new(SEND_BATCH, out_slot),
+            out_n: 0,
+            inb: Slots::new(RECV_BATCH, in_slot),
+            tx_datagrams: 0,
+            rx_datagrams: 0,
+        })
     }
 
     /// Start (or restart) the handshake now rather than on the first packet.
@@ -70,14 +104,38 @@ impl Wire {
         }
     }
 
-    /// Encrypt and send what the stack produced.
-    async fn send_packets(&mut self, packets: Vec<Vec<u8>>) {
+    /// Encrypt and send what the stack produced, many datagrams per system call.
+    async fn send_packets(&mut self, packets: &[Vec<u8>]) {
         for p in packets {
-            if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(&p, &mut self.wbuf) {
-                let _ = self.udp.send_to(d, self.hub).await;
-                self.tx_datagrams += 1;
+            if self.out.slot_mut(self.out_n).len() < p.len() + 64 {
+                continue; // larger than our MTU: the stack never makes one
+            }
+            if let TunnResult::WriteToNetwork(d) = self.tunn.encapsulate(p, self.out.slot_mut(self.out_n)) {
+                let n = d.len();
+                self.out.lens[self.out_n] = n;
+                self.out_n += 1;
+                if self.out_n == self.out.count() {
+                    self.flush().await;
+                }
             }
         }
+        self.flush().await;
+    }
+
+    async fn flush(&mut self) {
+        let fd = self.udp.as_raw_fd();
+        let mut done = 0;
+        while done < self.out_n {
+            let (out, hub4, end) = (&mut self.out, &self.hub4, self.out_n);
+            match self.udp.async_io(Interest::WRITABLE, || batch::send(fd, out, done..end, hub4)).await {
+                Ok(n) => {
+                    done += n;
+                    self.tx_datagrams += n as u64;
+                }
+                Err(_) => done += 1, // this datagram cannot go (e.g. no route): drop it, like a lossy link
+            }
+        }
+        self.out_n = 0;
     }
 
     async fn timers(&mut self) {
@@ -86,18 +144,18 @@ impl Wire {
         }
     }
 
-    /// One datagram (already in rbuf[..n]) from `from`. Returns whether it was authentic
-    /// WireGuard traffic from the hub.
-    async fn on_datagram(&mut self, n: usize, from: SocketAddr, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
-        if from.ip() != self.hub.ip() {
+    /// Datagram `i` of the last batch. Returns whether it was authentic WireGuard traffic from
+    /// the hub.
+    async fn on_datagram(&mut self, i: usize, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
+        if self.inb.truncated[i] || self.inb.from[i].map(|a| a.ip()) != Some(self.hub.ip()) {
             return false;
         }
         self.rx_datagrams += 1;
-        let mut input_len = n;
+        let mut input: &[u8] = self.inb.get(i);
         let mut authentic = false;
         loop {
-            let r = self.tunn.decapsulate(Some(self.hub.ip()), &self.rbuf[..input_len], &mut self.wbuf);
-            input_len = 0;
+            let r = self.tunn.decapsulate(Some(self.hub.ip()), input, &mut self.wbuf);
+            input = &[];
             match r {
                 TunnResult::WriteToNetwork(p) => {
                     authentic = true;
@@ -105,7 +163,7 @@ impl Wire {
                     // repeat with an empty datagram until Done: flushes packets queued for a session
                 }
                 TunnResult::WriteToTunnelV4(p, _src) => {
-                    fresh.extend(shared.lock().ingest(p.to_vec()));
+                    fresh.extend(shared.lock().ingest(p));
                     return true;
                 }
                 TunnResult::WriteToTunnelV6(..) | TunnResult::Done => return true,
@@ -114,15 +172,19 @@ impl Wire {
         }
     }
 
-    /// Handle a datagram that arrived (in rbuf[..n]) and whatever else already arrived.
+    /// The socket is readable: take what arrived, in batches, before running the stack again.
     /// Returns whether anything authentic came from the hub.
-    async fn received(&mut self, n: usize, from: SocketAddr, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
-        let mut heard = self.on_datagram(n, from, shared, fresh).await;
-        // Drain whatever else already arrived before running the stack again.
-        for _ in 0..64 {
-            match self.udp.try_recv_from(&mut self.rbuf) {
-                Ok((n, from)) => heard |= self.on_datagram(n, from, shared, fresh).await,
-                Err(_) => break,
+    async fn received(&mut self, shared: &Shared, fresh: &mut Vec<Inbound>) -> bool {
+        let fd = self.udp.as_raw_fd();
+        let mut heard = false;
+        for _ in 0..RECV_ROUNDS {
+            let inb = &mut self.inb;
+            let n = match self.udp.try_io(Interest::READABLE, || batch::recv(fd, inb)) {
+                Ok(n) => n,
+                Err(_) => break, // WouldBlock: readiness cleared, the next wait is a real one
+            };
+            for i in 0..n {
+                heard |= self.on_datagram(i, shared, fresh).await;
             }
         }
         heard
@@ -321,7 +383,7 @@ fn pump(shared: &Shared, fresh: &mut Vec<Inbound>) -> (Vec<Vec<u8>>, Option<Dura
     if !inbound.is_empty() {
         delay = Some(Duration::ZERO); // fresh listeners must answer the next SYNs
     }
-    let out: Vec<Vec<u8>> = st.device.tx.drain(..).collect();
+    let out = std::mem::take(&mut st.device.tx);
     (out, delay, inbound)
 }
 
@@ -362,22 +424,27 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
 
     let mut fresh = vec![]; // inbound connections accepted while reading datagrams
     let result = loop {
-        // 1. Run the stack and send what it produced.
+        // 1. Let the connection tasks woken by what arrived run first (they drain receive
+        //    buffers and fill send buffers), so the stack's answer carries their data and the
+        //    reopened window in one segment instead of a bare ACK followed by more.
+        tokio::task::yield_now().await;
+        // 2. Run the stack and send what it produced.
         let (out, delay, inbound) = pump(&shared, &mut fresh);
         for inb in inbound {
             tokio::spawn(forward::serve_inbound(shared.clone(), inb));
         }
-        wire.send_packets(out).await;
+        wire.send_packets(&out).await;
+        shared.lock().device.recycle(out);
 
-        // 2. Wait for a datagram, a connection task, a stack timer or our own tick.
+        // 3. Wait for a datagram, a connection task, a stack timer or our own tick.
         let mut wait = next_tick.saturating_duration_since(Instant::now());
         if let Some(d) = delay {
             wait = wait.min(d);
         }
         tokio::select! {
             // only the wait is cancelled by the other branches, never the handling
-            r = wire.udp.recv_from(&mut wire.rbuf) => if let Ok((n, from)) = r {
-                if wire.received(n, from, &shared, &mut fresh).await {
+            r = wire.udp.readable() => if r.is_ok() {
+                if wire.received(&shared, &mut fresh).await {
                     health.heard(Instant::now());
                 }
             },
@@ -385,7 +452,7 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
             _ = tokio::time::sleep(wait) => {}
         }
 
-        // 3. Timers, at most every 100 ms.
+        // 4. Timers, at most every 100 ms.
         let now = Instant::now();
         if now < next_tick {
             continue;
@@ -432,7 +499,6 @@ pub async fn run(spec: Spec, check_signals: impl Fn() -> Result<(), pyo3::PyErr>
 /// Bigger UDP buffers than the 208 KiB default absorb bursts of many connections. Unprivileged
 /// processes get at most net.core.{r,w}mem_max; the FORCE variants work for root.
 fn grow_buffers(udp: &UdpSocket) {
-    use std::os::fd::AsRawFd;
     let size: libc::c_int = 4 << 20;
     for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
         for opt in [force, plain] {
