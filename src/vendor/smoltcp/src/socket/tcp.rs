@@ -1319,6 +1319,22 @@ impl<'a> Socket<'a> {
         self.tx_buffer.len()
     }
 
+    /// hpcfed patch: the highest sequence number sent so far (SND.MAX). A retransmission
+    /// timeout rewinds `remote_last_seq` to the first unacknowledged byte (go-back-N). An ACK
+    /// carrying that old number is below the window of a peer that did receive the data (only
+    /// its ACKs were lost) and is dropped there unread: when both sides had timed out, each
+    /// ignored the other's ACKs and 50 concurrent echo connections stalled for good once the
+    /// congestion window was applied. Segments without payload carry SND.MAX instead, as
+    /// Linux's do (it never rewinds SND.NXT) — unless SND.MAX is not strictly inside the window
+    /// the peer last advertised (a zero window, or one we filled): the peer might not have the
+    /// data and would then drop the segment, so there the old number stays.
+    fn snd_max(&self) -> TcpSeqNumber {
+        match self.rtte.max_seq_sent {
+            Some(max) if max > self.remote_last_seq && max < self.local_seq_no + self.remote_win_len => max,
+            _ => self.remote_last_seq,
+        }
+    }
+
     /// hpcfed patch (as upstream ba2ab35a): what the congestion window still allows in flight.
     fn cwnd_remaining(&self) -> usize {
         let in_flight = self.remote_last_seq - self.local_seq_no;
@@ -1402,7 +1418,9 @@ impl<'a> Socket<'a> {
         // [...] an empty acknowledgment segment containing the current send-sequence number
         // and an acknowledgment indicating the next sequence number expected
         // to be received.
-        reply_repr.seq_number = self.remote_last_seq;
+        // hpcfed patch: the highest sequence number sent, not `remote_last_seq`, which a
+        // retransmission rewinds (see `snd_max`).
+        reply_repr.seq_number = self.snd_max();
         reply_repr.ack_number = Some(self.remote_seq_no + self.rx_buffer.len());
         self.remote_last_ack = reply_repr.ack_number;
 
@@ -1697,6 +1715,13 @@ impl<'a> Socket<'a> {
                     // the remote end may not have realized we've closed the connection.
                     if self.state == State::TimeWait {
                         self.timer.set_for_close(cx.now());
+                    }
+
+                    // hpcfed patch (as upstream 9d532a7b): an old data segment (or FIN) is a
+                    // retransmission whose ACK was lost; it must elicit an ACK every time, not
+                    // once per second, or the remote stays in retransmission backoff.
+                    if !repr.payload.is_empty() || repr.control == TcpControl::Fin {
+                        return Some(self.ack_reply(ip_repr, repr));
                     }
 
                     return self.challenge_ack_reply(cx, ip_repr, repr);
@@ -2521,6 +2546,13 @@ impl<'a> Socket<'a> {
         // Bailing out if the packet isn't placed in the device buffer allows us
         // to not waste time waiting for the retransmit timer on packets that we know
         // for sure will not be successfully transmitted.
+        // hpcfed patch: a segment without payload carries SND.MAX (see `snd_max`); the state
+        // below still advances from the sequence number it would have had.
+        let seq_number = repr.seq_number;
+        if !is_keep_alive && repr.segment_len() == 0 && repr.control != TcpControl::Rst {
+            repr.seq_number = self.snd_max();
+        }
+
         ip_repr.set_payload_len(repr.buffer_len());
         emit(cx, (ip_repr, repr))?;
 
@@ -2547,7 +2579,7 @@ impl<'a> Socket<'a> {
         }
 
         // We've sent a packet successfully, so we can update the internal state now.
-        self.remote_last_seq = repr.seq_number + repr.segment_len();
+        self.remote_last_seq = seq_number + repr.segment_len();
         self.remote_last_ack = repr.ack_number;
         self.remote_last_win = repr.window_len;
 
@@ -5668,6 +5700,56 @@ mod test {
             ..RECV_TEMPL
         }), exact);
         recv_nothing!(s, time 1550);
+    }
+
+    // hpcfed patch: after a retransmission timeout rewound the send sequence, our ACKs carry
+    // the highest sequence number sent, and every old data segment gets one (no rate limit).
+    #[test]
+    fn test_ack_after_rewind_carries_snd_max_every_time() {
+        let mut s = socket_established();
+        s.remote_mss = 6;
+        s.send_slice(b"abcdef012345").unwrap();
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abcdef"[..],
+            ..RECV_TEMPL
+        }));
+        recv!(s, time 0, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1 + 6,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"012345"[..],
+            ..RECV_TEMPL
+        }));
+        // the remote sends data (and its ACKs of ours get lost)
+        send!(s, time 10, TcpRepr {
+            seq_number: REMOTE_SEQ + 1,
+            ack_number: Some(LOCAL_SEQ + 1),
+            payload:    &b"xyz"[..],
+            ..SEND_TEMPL
+        });
+        // our timeout: go back to the first unacknowledged byte
+        recv!(s, time 1000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1 + 3),
+            window_len: 61,
+            payload:    &b"abcdef"[..],
+            ..RECV_TEMPL
+        }));
+        // the remote retransmits what we have: each copy is answered at once, with SND.MAX
+        for t in [1001, 1002] {
+            send!(s, time t, TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload:    &b"xyz"[..],
+                ..SEND_TEMPL
+            }, Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 12,
+                ack_number: Some(REMOTE_SEQ + 1 + 3),
+                window_len: 61,
+                ..RECV_TEMPL
+            }));
+        }
     }
 
     #[test]
