@@ -561,6 +561,18 @@ mod tests {
     }
 
     #[test]
+    fn a_long_path_is_limited_by_the_window_only() {
+        // 20 ms round trip, a roomy queue: 256 KiB per round trip is 13 MB/s. Spurious
+        // retransmission timeouts (the timer was never restarted by ACKs of new data) held this
+        // to 2 MB/s.
+        let total = 16 << 20;
+        let (got, drops, _, secs) = through_hub(total, 1000, 20, 10_000, 50);
+        assert_eq!((got, drops), (total, 0));
+        let rate = got as f64 / secs;
+        assert!(rate > 10e6, "{:.1} MB/s", rate / 1e6);
+    }
+
+    #[test]
     fn listener_pool_shrinks_to_the_connection_cap() {
         let mut st = stack(3);
         st.add_listener(9000, "127.0.0.1".into(), 9001);
