@@ -140,8 +140,21 @@ class Path_:
         return json.loads(proc.stdout)
 
 
-def one_run(path: Path_, hub_pids: list[int], mib: int, probes: int) -> dict:
+def udp_rcvbuf_errors(ns: str) -> int:
+    """Datagrams the kernel dropped in a namespace because a UDP socket's buffer was full."""
+    snmp = subprocess.run(
+        ["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    head, values = [line.split() for line in snmp.splitlines() if line.startswith("Udp:")][:2]
+    return int(values[head.index("RcvbufErrors")])
+
+
+def one_run(path: Path_, hub_pids: list[int], hub_ns: str, mib: int, probes: int) -> dict:
     cpu_peers, cpu_hub = cpu_seconds(path.peer_pids), cpu_seconds(hub_pids)
+    drops = udp_rcvbuf_errors(hub_ns)
     c0, s0 = path.client_counters(), path.server_counters()
     r = path.send(mib, 0)
     time.sleep(1.2)  # the hpcfed tunnel's status file is rewritten every second
@@ -156,6 +169,7 @@ def one_run(path: Path_, hub_pids: list[int], mib: int, probes: int) -> dict:
         "ack_pkts_per_mib": (s1["tx_packets"] - s0["tx_packets"]) / mib,
         "bytes_per_data_pkt": (c1["tx_bytes"] - c0["tx_bytes"]) / max(1, data_pkts),
         "wire_per_payload": (c1["tx_bytes"] - c0["tx_bytes"]) / (mib << 20),
+        "hub_drops_per_mib": (udp_rcvbuf_errors(hub_ns) - drops) / mib,
     }
     out["rtt_ms"] = path.send(0, probes)["rtt_ms"]
     return out
@@ -244,6 +258,7 @@ METRICS = [
     ("ack_pkts_per_mib", "ACK packets per MiB (server -> hub)", "{:.0f}"),
     ("bytes_per_data_pkt", "IP bytes per data packet", "{:.0f}"),
     ("wire_per_payload", "IP bytes sent per payload byte", "{:.3f}"),
+    ("hub_drops_per_mib", "datagrams the hub's full UDP socket dropped per MiB", "{:.1f}"),
 ]
 
 
@@ -338,11 +353,13 @@ def main() -> None:
             args.mib * 4, args.probes
         )
         loopback["mbit"] = args.mib * 4 * 8 * 1.048576 / loopback["seconds"]
+        load = [os.getloadavg()[0]]
         for i in range(args.runs):
             for path in (hpcfed_path, tun_path):
-                r = one_run(path, hub_pids, args.mib, args.probes)
+                r = one_run(path, hub_pids, net.ns, args.mib, args.probes)
                 results.setdefault(path.name, []).append(r)
                 print(f"run {i + 1} {path.name}: {json.dumps(r)}", file=sys.stderr, flush=True)
+        load.append(os.getloadavg()[0])
     finally:
         for t in tunnels:
             t.stop()
@@ -361,21 +378,23 @@ def main() -> None:
                     subprocess.run(["ip", "-n", ns, "link", "del", name], capture_output=True)
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         net.destroy()
-    write(results, loopback, args)
+    write(results, loopback, args, load)
 
 
 def summary(values: list[float], fmt: str) -> str:
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
 
 
-def write(results: dict[str, list[dict]], loopback: dict | None, args) -> None:
+def write(results: dict[str, list[dict]], loopback: dict | None, args, load: list) -> None:
     names = list(results)
     lines = [
         "# Tunnel benchmark: hpcfed's userspace tunnel vs wireguard-go TUN peers",
         "",
         f"Machine: {describe()}; shared with other work, so read absolute numbers as lower bounds.",
         f"Run: `python benchmarks/bench_tunnel.py --mib {args.mib} --runs {args.runs} "
-        f"--probes {args.probes}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}).",
+        f"--probes {args.probes}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}); "
+        f"1-minute load average {load[0]:.1f} before the runs, {load[-1]:.1f} after (other "
+        "work on the machine: absolute numbers vary, the interleaved ratio less).",
         "Both paths go through the same hub (Debian's wireguard-go in a network namespace, UDP "
         "socket at the kernel default), one bulk TCP transfer of "
         f"{args.mib} MiB client -> server per run, runs interleaved (hpcfed, TUN, hpcfed, ...). "
