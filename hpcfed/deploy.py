@@ -59,7 +59,7 @@ def submit_plan(
             if dep is not None:
                 dep = settle_pending(store, dep, scheduler)
             if dep is not None and dep.job_id:
-                info = scheduler.query([dep.job_id])[dep.job_id]
+                info = wait_while_completing(scheduler, dep.job_id, progress)
                 if info.active:
                     raise ConfigError(
                         f"--name {plan.name}: deployment already has job {dep.job_id} "
@@ -88,6 +88,40 @@ def submit_plan(
         )
         store.put(dep)
     return dep, job_id
+
+
+# How long submit waits for a job that is completing (its processes being killed after a
+# cancel, epilog running) before refusing the name: Slurm's default KillWait (30 s) plus the
+# epilog's time, with room for a slow controller.
+COMPLETING_WAIT_S = 120.0
+
+
+def wait_while_completing(
+    scheduler,
+    job_id: str,
+    progress=lambda m: None,
+    limit_s: float = COMPLETING_WAIT_S,
+    clock=None,
+    sleep=None,
+) -> JobInfo:
+    """The job's info once it is no longer COMPLETING, or after `limit_s`.
+
+    `hpcfed cancel x && hpcfed submit --name x` must work: scancel returns at once, and the job
+    stays COMPLETING until its processes are gone. A new job of the same deployment must not
+    run beside the old one's still-dying role (same identity at the server), so submit waits
+    for it rather than overlapping or refusing; any other active state is refused at once.
+    """
+    import time
+
+    clock = clock or time.monotonic
+    sleep = sleep or time.sleep
+    deadline = clock() + limit_s
+    info = scheduler.query([job_id])[job_id]
+    while info.state == "COMPLETING" and clock() < deadline:
+        progress(f"waiting for job {job_id} to finish completing")
+        sleep(1.0)
+        info = scheduler.query([job_id])[job_id]
+    return info
 
 
 def submit_recorded(

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from hpcfed.deploy import wait_while_completing
 from hpcfed.errors import SubmitRejected
-from hpcfed.scheduler import GONE
+from hpcfed.scheduler import GONE, JobInfo
 from hpcfed.scheduler import slurm_cli as sc
 from hpcfed.state import Deployment, DeploymentStore
 from hpcfed.state.lock import lease_lock
@@ -69,6 +70,52 @@ def test_unreachable_patterns():
 
 
 @pytest.mark.slurm
+class RecordedScheduler:
+    """Answers a job's state from a list, one per query (the last one repeats)."""
+
+    def __init__(self, states):
+        self.states = list(states)
+        self.queries = 0
+
+    def query(self, job_ids):
+        state = self.states[min(self.queries, len(self.states) - 1)]
+        self.queries += 1
+        return {j: JobInfo(job_id=j, state=state) for j in job_ids}
+
+
+class StepClock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+    def sleep(self, s):
+        self.t += s
+
+
+@pytest.mark.parametrize(
+    "states, end_state, queries",
+    [
+        (["COMPLETING", "COMPLETING", "CANCELLED"], "CANCELLED", 3),  # cancel, then submit: waits
+        (["RUNNING"], "RUNNING", 1),  # still running: refused at once, no waiting
+        (["PENDING"], "PENDING", 1),
+        (["COMPLETED"], "COMPLETED", 1),
+        (["COMPLETING"], "COMPLETING", 121),  # stuck completing: gives up after the limit
+    ],
+)
+def test_submit_waits_only_for_a_completing_job(states, end_state, queries):
+    clock = StepClock()
+    scheduler = RecordedScheduler(states)
+    said = []
+    info = wait_while_completing(
+        scheduler, "83", said.append, limit_s=120, clock=clock, sleep=clock.sleep
+    )
+    assert info.state == end_state
+    assert scheduler.queries == queries
+    assert len(said) == queries - 1 and all("job 83" in m for m in said)
+
+
 def test_query_is_batched_and_unknown_ids_are_gone(slurm_cluster):
     from hpcfed.runner.local import LocalRunner
 
