@@ -343,7 +343,7 @@ class Federation:
             f"{FL_PORT}=127.0.0.1:{FL_PORT + 10000}",
         )
         self.state.deployments.append("demo-server")
-        for i, site in enumerate(CLIENT_SITES, start=1):
+        for site in CLIENT_SITES:
             say(
                 f"submitting the client role of {site} with 1 GPU (hpcfed submit client --site {site})"
             )
@@ -360,8 +360,10 @@ class Federation:
                 self.state.images["client"],
                 "--tunnel-config",
                 str(self.userdir / f"{site}.wg.conf"),
-                "-L",
-                f"127.0.{10 + i}.1:{FL_PORT}={server_ip}:{FL_PORT}",
+                # The forward follows from the client's port: it listens on the deployment's
+                # own loopback address (two clients on this one host do not collide).
+                "--server-ip",
+                server_ip,
             )
             self.state.deployments.append(f"demo-{site}")
         self.state.save()

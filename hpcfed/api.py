@@ -282,6 +282,7 @@ class Site:
         tunnel_config: Optional[str] = None,
         forward_local: Sequence[str] = (),
         forward_remote: Sequence[str] = (),
+        server_ip: Optional[str] = None,
         dry_run: bool = False,
     ) -> Deployment:
         """Submit ROLE here, as `hpcfed submit ROLE --site SITE ...` (same keywords as flags;
@@ -308,6 +309,7 @@ class Site:
             tunnel_config=tunnel_config,
             forward_local=tuple(forward_local),
             forward_remote=tuple(forward_remote),
+            server_ip=server_ip,
             dry_run=dry_run,
         )
         store = DeploymentStore()

@@ -7,6 +7,8 @@ is serialised to JSON inside the sbatch script and read back by `hpcfed job run`
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -14,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hpcfed.container.apptainer import bind_path
 from hpcfed.errors import ConfigError
-from hpcfed.frameworks import Role, credentials_name, fill_command, local_port_names
+from hpcfed.frameworks import LOCAL_BIND, Role, credentials_name, fill_command, local_port_names
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.schema import Preemption as Preemption  # re-exported: the plan's sections
@@ -320,18 +322,87 @@ def resolve_own_command(
     return None
 
 
+def job_loopback(user: str, name: str) -> str:
+    """The loopback address of `user`'s deployment `name`, 127.A.B.1 (A: 1-254).
+
+    A client role's local forwards listen there, not on 127.0.0.1: two jobs on one compute node
+    (two sites, two nodes of one site, two users) do not collide on the federation's port, the
+    address stays the same when the job is requeued elsewhere, and --dry-run shows it.
+    """
+    digest = hashlib.sha256(f"{user}/{name}".encode()).digest()
+    return f"127.{1 + digest[0] % 254}.{digest[1]}.1"
+
+
+def derive_forwards(
+    role: Role,
+    server_address: Optional[Tuple[str, int]],
+    server_ip: Optional[str],
+    bind: str,
+    own_command: bool,
+) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(-L specs, -R specs) that follow from the ports the role serves or dials.
+
+    A server side role: each port it serves, reached at its tunnel address, is delivered to the
+    same port on 127.0.0.1. A client side role: each port it dials listens on the job's loopback
+    address `bind` and is carried to `server_ip` (the server's tunnel address). The first port's number
+    is the kit's (server_address), the others the framework's defaults.
+    """
+    ports = role.serves if role.side == "server" else role.dials
+    numbers = [n for _, n in ports]
+    if numbers and server_address and server_address[1]:
+        numbers[0] = server_address[1]
+    if role.side == "server":
+        if server_ip:
+            raise ConfigError(
+                f"--server-ip {server_ip}: the {role.framework} {role.name} is the server; it is "
+                "reached at its own tunnel address (--server-ip is for the roles that dial it)"
+            )
+        return (), tuple(spec for port in numbers for spec in role.forwards("", port)[1])
+    if not server_ip:
+        if own_command or not numbers:
+            return (), ()
+        raise ConfigError(
+            f"--server-ip: the {role.framework} {role.name} dials the server's port "
+            f"{numbers[0]} through the tunnel; give the server's tunnel address "
+            "(`hpcfed hub list` on the hub) or the forwards with -L"
+        )
+    try:
+        ip = ipaddress.IPv4Address(server_ip)
+    except ValueError:
+        raise ConfigError(f"--server-ip {server_ip!r}: not an IPv4 tunnel address") from None
+    local = [spec for port in numbers for spec in role.forwards(str(ip), port, bind=bind)[0]]
+    return tuple(local), ()
+
+
 def resolve_tunnel(
     role: Role,
     tunnel_config: Optional[str],
     local_forwards: Tuple[str, ...],
     remote_forwards: Tuple[str, ...],
     server_address: Optional[Tuple[str, int]],
+    server_ip: Optional[str] = None,
+    bind: str = LOCAL_BIND,
+    own_command: bool = False,
 ) -> Optional[Tunnel]:
-    """The job's tunnel (forwards checked now, by the parser the job uses), or None."""
+    """The job's tunnel (forwards checked now, by the parser the job uses), or None.
+
+    Without -L/-R the forwards follow from the role's ports (derive_forwards); given ones
+    replace them.
+    """
     if not tunnel_config:
-        if local_forwards or remote_forwards:
-            raise ConfigError("--forward-local/--forward-remote: need --tunnel-config")
+        if local_forwards or remote_forwards or server_ip:
+            flags = "--server-ip" if server_ip else "--forward-local/--forward-remote"
+            raise ConfigError(f"{flags}: need --tunnel-config")
         return None
+    if local_forwards or remote_forwards:
+        if server_ip:
+            raise ConfigError(
+                f"--server-ip {server_ip}: give either the server's address or -L/-R, not both"
+            )
+    else:
+        local_forwards, remote_forwards = derive_forwards(
+            role, server_address, server_ip, bind, own_command
+        )
     local, remote = parse_forwards(local_forwards, remote_forwards)
     return Tunnel(
         config=tunnel_config,
@@ -371,6 +442,7 @@ def build_plan(
     local_forwards: Tuple[str, ...] = (),
     remote_forwards: Tuple[str, ...] = (),
     server_address: Optional[Tuple[str, int]] = None,
+    server_ip: Optional[str] = None,
 ) -> Plan:
     """Check the request against the site and freeze it into a Plan (ConfigError if impossible)."""
     p = site.profile
@@ -382,7 +454,16 @@ def build_plan(
     part = resolve_partition(site, role, partition)
     cpus, memory = resolve_cpus_memory(site, gpu.gpus)
     own_command = resolve_own_command(role, command, kit)
-    tunnel = resolve_tunnel(role, tunnel_config, local_forwards, remote_forwards, server_address)
+    tunnel = resolve_tunnel(
+        role,
+        tunnel_config,
+        local_forwards,
+        remote_forwards,
+        server_address,
+        server_ip=server_ip,
+        bind=job_loopback(user, name),
+        own_command=own_command is not None,
+    )
     entry = own_command or role_command(
         role, server_address, tunnel.listen_port if tunnel else None
     )

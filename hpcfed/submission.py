@@ -43,6 +43,7 @@ class SubmitRequest:
     tunnel_config: Optional[str] = None
     forward_local: Tuple[str, ...] = ()
     forward_remote: Tuple[str, ...] = ()
+    server_ip: Optional[str] = None  # the server's tunnel address: forwards follow from it
     dry_run: bool = False
 
 
@@ -112,6 +113,7 @@ def prepare(
         local_forwards=tuple(request.forward_local),
         remote_forwards=tuple(request.forward_remote),
         server_address=server_address,
+        server_ip=request.server_ip,
     )
     if plan.kit and capacity is not None:
         from hpcfed.kit.workspace import check_gpu_capacity

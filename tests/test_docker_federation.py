@@ -242,12 +242,12 @@ def _submit_roles(fed: DockerFederation, tag: str) -> None:
         "-R", f"{FL_PORT}=127.0.0.1:{FL_PORT + 10000}",
     )  # fmt: skip
     fed.deployments[SERVER] = server
-    for i, site in enumerate(SITES, start=1):
+    for site in SITES:
         name = f"fed-{site}-{tag}"
         fed.hpcfed(
             "submit", "client", "--site", site, "--name", name, "--gpus", "1",
             "--image", fed.images["client"], "--tunnel-config", f"{fed.base}/{site}.conf",
-            "-L", f"127.0.{10 + i}.1:{FL_PORT}={fed.tunnel_ips[SERVER]}:{FL_PORT}",
+            "--server-ip", fed.tunnel_ips[SERVER],
         )  # fmt: skip
         fed.deployments[site] = name
 

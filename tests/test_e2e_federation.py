@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 from helpers import need, run
 
+from hpcfed.plan import job_loopback
+
 REPO = Path(__file__).resolve().parent.parent
 sys.path.append(str(REPO))  # demo/ only: hpcfed itself comes from the installed package
 
@@ -29,6 +31,9 @@ pytestmark = [
     pytest.mark.nvflare,
     pytest.mark.wireguard,
 ]
+
+
+USER = "hpcuser"  # demo.federation's user
 
 
 def _status(name):
@@ -103,7 +108,13 @@ def test_training_finishes_through_the_tunnel_while_a_client_is_preempted(federa
         time.sleep(1)
     # Inside each role's own container (not hpcfed's log line): the server name resolves to the
     # tunnel's forward, and the role runs on the image's Python, which the host does not have.
-    forwards = {"server": None, "hospital-a": "127.0.11.1", "hospital-b": "127.0.12.1"}
+    # The clients' forwards follow from --server-ip: each on its deployment's own loopback.
+    forwards = {
+        "server": None,
+        "hospital-a": job_loopback(USER, "demo-hospital-a"),
+        "hospital-b": job_loopback(USER, "demo-hospital-b"),
+    }
+    assert len(set(forwards.values())) == 3
     for role, address in forwards.items():
         _assert_inside_container(role, address)
     # A round in: wait for the server's first round, then preempt.

@@ -107,6 +107,72 @@ def test_flower_plans_fill_the_federation_address_and_leave_local_ports_to_the_j
         _plan(fl["supernode"], kit="/k")
 
 
+SERVERS = [
+    ("nvflare", "server", 8002),
+    ("flower", "superlink", 9093),
+    ("fedbiomed", "researcher", 50051),
+]
+CLIENTS = [("nvflare", "client", 8002), ("flower", "supernode", 9093), ("fedbiomed", "node", 50051)]
+
+
+@pytest.mark.parametrize("fw, name, port", SERVERS)
+def test_a_server_roles_forwards_follow_from_the_ports_it_serves(fw, name, port):
+    role = frameworks.table()[fw][name]
+    plan = _plan(role, kit="/k", tunnel_config="/t.conf", server_address=("fed.example", port))
+    assert plan.tunnel.remote_forwards == (f"{port}=127.0.0.1:{port}",)
+    assert plan.tunnel.local_forwards == ()
+    assert plan.tunnel.hosts == (("fed.example", "127.0.0.1"),)
+
+
+@pytest.mark.parametrize("fw, name, port", CLIENTS)
+def test_a_client_roles_forwards_follow_from_the_ports_it_dials(fw, name, port):
+    role = frameworks.table()[fw][name]
+
+    def plan(name="fw-test", user="alice", **kw):
+        return build_plan(
+            site=load_site("local"), role=role, name=name, deployment_id="0123456789ab",
+            user=user, kit="/k", tunnel_config="/t.conf", server_address=("fed.example", port),
+            gpus=1, **kw,
+        )  # fmt: skip
+
+    first = plan(server_ip="10.220.0.2")
+    (spec,) = first.tunnel.local_forwards
+    bind, _, target = spec.rpartition(f":{port}=")
+    assert target == f"10.220.0.2:{port}" and first.tunnel.remote_forwards == ()
+    # The deployment's own loopback address: the server name resolves to it in the container.
+    assert bind.startswith("127.") and bind.endswith(".1") and bind != "127.0.0.1"
+    assert first.tunnel.hosts == (("fed.example", bind),)
+    # The same deployment keeps it (a requeue, a dry run); other deployments and users do not
+    # share it, so two clients on one node do not collide on the port.
+    assert plan(server_ip="10.220.0.2").tunnel.local_forwards == (spec,)
+    binds = {
+        plan(name=n, user=u, server_ip="10.220.0.2").tunnel.local_forwards[0].split(":")[0]
+        for n in ("site-1", "site-2", "site-3")
+        for u in ("alice", "bob")
+    }
+    assert len(binds) == 6
+    # Given forwards replace the derived ones.
+    given = plan(local_forwards=(f"127.0.11.1:{port}=10.220.0.9:{port}",))
+    assert given.tunnel.hosts == (("fed.example", "127.0.11.1"),)
+    with pytest.raises(ConfigError, match="--server-ip: the .* dials the server's port"):
+        plan()
+    with pytest.raises(ConfigError, match="either the server's address or -L/-R"):
+        plan(server_ip="10.220.0.2", local_forwards=(f"{port}=10.220.0.9:{port}",))
+    with pytest.raises(ConfigError, match="not an IPv4 tunnel address"):
+        plan(server_ip="fed.example")
+
+
+def test_server_ip_is_refused_where_it_means_nothing():
+    nv = frameworks.table()["nvflare"]
+    with pytest.raises(ConfigError, match="is the server"):
+        _plan(nv["server"], kit="/k", tunnel_config="/t.conf", server_ip="10.220.0.2")
+    with pytest.raises(ConfigError, match="--server-ip: need --tunnel-config"):
+        _plan(nv["client"], kit="/k", gpus=1, server_ip="10.220.0.2")
+    # --command runs something else: it needs no forwards.
+    plan = _plan(nv["client"], command="true", tunnel_config="/t.conf", gpus=1)
+    assert plan.tunnel.local_forwards == () and plan.tunnel.hosts == ()
+
+
 def test_an_nvflare_plan_has_no_new_fields():
     plan = _plan(frameworks.role("nvflare", "client"), kit="/k", gpus=1)
     data = json.loads(plan.to_json())

@@ -53,6 +53,12 @@ from hpcfed.errors import NotFound, SchedulerUnavailable
     "--forward-remote", "-R", multiple=True, help="Tunnel reverse forward port=host:port."
 )
 @click.option(
+    "--server-ip",
+    default=None,
+    help="The federation server's tunnel address (`hpcfed hub list`): a client role's "
+    "forwards follow from it and the role's ports (no -L needed).",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print the sbatch script (with --json: plan and script); submit nothing.",
@@ -73,6 +79,7 @@ def submit(
     tunnel_config,
     forward_local,
     forward_remote,
+    server_ip,
     dry_run,
     as_json,
 ):
@@ -81,10 +88,16 @@ def submit(
     Builds a plan from the site profile and flags, renders the sbatch script and submits it
     (locally or over SSH, as the profile says); the deployment is then known by its name.
 
+    With --tunnel-config the tunnel's forwards follow from the ports the role serves or dials:
+    a server role's port is delivered to 127.0.0.1, a client role's listens on the deployment's
+    own loopback address and is carried to --server-ip. -L/-R replace them.
+
     \b
     Example:
       hpcfed submit client --site ohsu --gpus 2 --kit ~/kits/site-1 --dry-run
       hpcfed submit client --site local --gpus 2 --command 'nvidia-smi -L; sleep 600'
+      hpcfed submit client --site ohsu --kit ~/kits/site-1 \\
+          --tunnel-config ~/site-1.wg.conf --server-ip 10.220.0.2
     """
     from hpcfed import submission
 
@@ -103,6 +116,7 @@ def submit(
         tunnel_config=tunnel_config,
         forward_local=tuple(forward_local),
         forward_remote=tuple(forward_remote),
+        server_ip=server_ip,
         dry_run=dry_run,
     )
     prepared = submission.prepare(request)
