@@ -66,6 +66,23 @@ def test_bad_forwards_are_refused_at_submit(env, tmp_path, flag, spec, shown):
     refused(dry_run(env, "--tunnel-config", str(conf), flag, spec), shown)
 
 
+@pytest.mark.parametrize(
+    "args,shown",
+    [
+        (("--server-ip", "fl-server"), "--server-ip 'fl-server': not an IPv4 tunnel address"),
+        (("--server-ip", "10.220.0.2", "-L", "8002=10.220.0.2:8002"), "not both"),
+    ],
+)
+def test_a_bad_server_ip_is_refused_at_submit(env, tmp_path, args, shown):
+    conf = tmp_path / "wg.conf"
+    conf.write_text("")
+    refused(dry_run(env, "--tunnel-config", str(conf), *args), shown)
+
+
+def test_a_server_ip_without_a_tunnel_is_refused_at_submit(env):
+    refused(dry_run(env, "--server-ip", "10.220.0.2"), "--server-ip: need --tunnel-config")
+
+
 def test_a_forward_given_twice_is_refused_at_submit(env, tmp_path):
     conf = tmp_path / "wg.conf"
     conf.write_text("")
