@@ -283,6 +283,7 @@ class Site:
         forward_local: Sequence[str] = (),
         forward_remote: Sequence[str] = (),
         server_ip: Optional[str] = None,
+        inputs: Sequence[str] = (),
         dry_run: bool = False,
     ) -> Deployment:
         """Submit ROLE here, as `hpcfed submit ROLE --site SITE ...` (same keywords as flags;
@@ -310,6 +311,7 @@ class Site:
             forward_local=tuple(forward_local),
             forward_remote=tuple(forward_remote),
             server_ip=server_ip,
+            inputs=tuple(inputs),
             dry_run=dry_run,
         )
         store = DeploymentStore()

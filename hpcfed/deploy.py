@@ -76,6 +76,7 @@ def submit_plan(
                     plan=plan.model_dump(mode="json"),
                 )
             dep.plan = plan.model_dump(mode="json")
+            upload_inputs(plan, runner, progress)
             job_id = submit_recorded(
                 store, dep, plan, script, runner, scheduler, "submit", before, progress
             )
@@ -211,6 +212,24 @@ def settle_all_pending(
         if settled is not None:
             out.append(settled)
     return out, unanswered
+
+
+def upload_inputs(plan: Plan, runner, progress=lambda m: None) -> None:
+    """Copy the plan's --input files into the deployment's directory, before sbatch (a job never
+    starts without them). Only `hpcfed submit` does this: a requeued or rejoined job uses the
+    copy made then, whatever happened to the files since."""
+    import posixpath
+
+    for item in plan.inputs:
+        target = f"{plan.workdir.rstrip('/')}/{item.dest}"
+        try:
+            with open(item.source, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise NotFound(f"--input {item.name}={item.source}: {exc.strerror}") from None
+        progress(f"copying {item.source} to {target} on {runner.where}")
+        runner.mkdirs(posixpath.dirname(target))
+        runner.write_file(target, data)
 
 
 def submit_locked(plan: Plan, script: str, runner, scheduler, progress=lambda m: None) -> str:

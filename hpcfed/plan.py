@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from hpcfed.container.apptainer import bind_path
 from hpcfed.errors import ConfigError
 from hpcfed.frameworks import LOCAL_BIND, Role, credentials_name, fill_command, local_port_names
+from hpcfed.frameworks.inputs import InputFile
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.schema import Preemption as Preemption  # re-exported: the plan's sections
@@ -102,6 +103,8 @@ class Plan(_Frozen):
     local_ports: Tuple[str, ...] = ()
     kit: Optional[str]
     image: Optional[str]
+    # Files given with --input, copied into workdir at submit (hpcfed.frameworks.inputs).
+    inputs: Tuple[InputFile, ...] = ()
     container: Container
     tunnel: Optional[Tunnel]
     preflight: Preflight
@@ -113,7 +116,7 @@ class Plan(_Frozen):
     def to_json(self) -> str:
         # Fields added for frameworks other than NVFlare are left out while empty, so an NVFlare
         # plan reads exactly as before (what queued jobs and `rejoin` compare against).
-        skip = {f for f in ("env", "local_ports") if not getattr(self, f)}
+        skip = {f for f in ("env", "local_ports", "inputs") if not getattr(self, f)}
         return self.model_dump_json(indent=2, exclude=skip)
 
     @classmethod
@@ -443,6 +446,8 @@ def build_plan(
     remote_forwards: Tuple[str, ...] = (),
     server_address: Optional[Tuple[str, int]] = None,
     server_ip: Optional[str] = None,
+    inputs: Tuple[InputFile, ...] = (),
+    input_binds: Tuple[str, ...] = (),
 ) -> Plan:
     """Check the request against the site and freeze it into a Plan (ConfigError if impossible)."""
     p = site.profile
@@ -502,10 +507,11 @@ def build_plan(
         local_ports=local_port_names(entry),
         kit=kit,
         image=image,
+        inputs=tuple(inputs),
         container=Container(
             apptainer=p.apptainer.binary,
             gpu_flag=p.apptainer.gpu_flag,
-            binds=tuple(p.apptainer.binds),
+            binds=tuple(p.apptainer.binds) + tuple(input_binds),
         ),
         tunnel=tunnel,
         preflight=Preflight(enabled=gpu.gpus > 0, **p.preflight.model_dump()),

@@ -44,6 +44,7 @@ class SubmitRequest:
     forward_local: Tuple[str, ...] = ()
     forward_remote: Tuple[str, ...] = ()
     server_ip: Optional[str] = None  # the server's tunnel address: forwards follow from it
+    inputs: Tuple[str, ...] = ()  # NAME=FILE: files the role reads, copied at submit
     dry_run: bool = False
 
 
@@ -93,6 +94,14 @@ def prepare(
         for flag, path in (("--kit", kit), ("--image", image), ("--tunnel-config", tunnel_config)):
             if path and not os.path.exists(os.path.expanduser(path)):
                 raise NotFound(f"{flag} {path}: no such file or directory")
+    from hpcfed.frameworks import inputs
+
+    input_files, input_binds = inputs.resolve(
+        the_role,
+        request.inputs,
+        data_on_this_machine=loaded.profile.scheduler.connect == "local",
+        own_command=request.command is not None,
+    )
     kit, server_address, capacity = _resolve_kit(
         kit, loaded.name, the_role, request.command, loaded
     )
@@ -114,6 +123,8 @@ def prepare(
         remote_forwards=tuple(request.forward_remote),
         server_address=server_address,
         server_ip=request.server_ip,
+        inputs=input_files,
+        input_binds=input_binds,
     )
     if plan.kit and capacity is not None:
         from hpcfed.kit.workspace import check_gpu_capacity
@@ -154,7 +165,7 @@ def _resolve_kit(
     if role.credentials in ("fedbiomed-node", "fedbiomed-researcher"):
         from hpcfed.kit.fedbiomed import resolve_component
 
-        return resolve_component(kit, site, role)
+        return resolve_component(kit, site, role, local=loaded.profile.scheduler.connect == "local")
     if role.credentials != "nvflare-kit":
         from hpcfed.kit.flower import resolve_credentials
 

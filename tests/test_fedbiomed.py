@@ -19,6 +19,7 @@ import pwd
 import shutil
 import stat
 import subprocess
+import time
 import uuid
 from pathlib import Path
 
@@ -219,6 +220,143 @@ def test_roles_researcher_serves_and_node_dials_the_grpc_port():
     # After a requeue the PID Fed-BioMed recorded may be another process's: --force.
     assert "start --force" in n.command[-1]
     assert frameworks.one_image("fedbiomed") and not frameworks.one_image("nvflare")
+
+
+# ---------------------------------------------------------------- inputs at submit
+
+
+def _component(root: Path, role: str) -> Path:
+    """The part of a component that submit reads: the server address in etc/config.ini."""
+    (root / "etc").mkdir(parents=True)
+    section = "[server]\nhost" if role == "researcher" else "[researcher]\nip"
+    (root / "etc" / "config.ini").write_text(f"{section} = {SERVER}\nport = 50051\n")
+    return root
+
+
+def _dataset(tmp_path: Path, site: str, **override) -> Path:
+    data = tmp_path / "data" / site
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "rows.csv").write_text("x,y\n1,10\n")
+    desc = {"path": str(data / "rows.csv"), "data_type": "csv", "tags": "hpcfed-test",
+            "description": f"{site} rows", "name": f"{site}-data"}  # fmt: skip
+    desc.update(override)
+    path = tmp_path / f"{site}.json"
+    path.write_text(json.dumps({k: v for k, v in desc.items() if v is not None}))
+    return path
+
+
+def _dry_node(tmp_path, *args):
+    conf = tmp_path / "wg.conf"
+    conf.write_text("")
+    return hpcfed(
+        "submit", "node", "--site", "local", "--name", "fbm-node", "--kit",
+        str(_component(tmp_path / "node-comp", "node")), "--tunnel-config", str(conf),
+        "--server-ip", "10.220.0.2", "--dry-run", "--json", *args,
+    )  # fmt: skip
+
+
+def test_a_nodes_datasets_are_checked_copied_and_their_data_mounted(tmp_path):
+    desc = _dataset(tmp_path, "site-1")
+    proc = _dry_node(tmp_path, "--input", f"dataset={desc}")
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)["plan"]
+    assert plan["inputs"] == [
+        {"name": "dataset", "source": str(desc), "dest": "datasets/site-1.json"}
+    ]
+    data_dir = str(tmp_path / "data" / "site-1")
+    assert f"{data_dir}:{data_dir}:ro" in plan["container"]["binds"]
+    # --kit's component names the researcher: it resolves to the node's own forward.
+    ((name, address),) = plan["tunnel"]["hosts"]
+    assert name == SERVER and plan["tunnel"]["local_forwards"] == [
+        f"{address}:50051=10.220.0.2:50051"
+    ]
+    assert "dataset add --file" in plan["command"][-1]
+
+
+@pytest.mark.parametrize(
+    "override, shown",
+    [
+        ({"tags": ["hpcfed-test"]}, 'tags must be a string (one string: "a,b", not a list)'),
+        ({"name": "ab"}, "name 'ab': at least 3 characters"),
+        ({"tags": "ok-tag,xy"}, "tags: 'xy': each tag at least 3 characters"),
+        ({"data_type": None}, "missing data_type"),
+        ({"path": "rows.csv"}, "an absolute path on the cluster"),
+        ({"path": "/nonexistent/rows.csv"}, "path /nonexistent/rows.csv: no such file"),
+    ],
+)
+def test_a_bad_dataset_description_is_one_line_at_submit(tmp_path, override, shown):
+    desc = _dataset(tmp_path, "site-1", **override)
+    proc = _dry_node(tmp_path, "--input", f"dataset={desc}")
+    assert proc.returncode in (3, 8), proc.stderr  # ConfigError, NotFound
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(desc) in lines[0] and shown in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "args, shown",
+    [
+        (("--input", "script=x.py"), "takes no input 'script' (inputs: dataset)"),
+        (("--input", "dataset"), "expected NAME=FILE"),
+        (("--input", "dataset=/nonexistent.json"), "no such file"),
+    ],
+)
+def test_bad_inputs_are_one_line_at_submit(tmp_path, args, shown):
+    proc = _dry_node(tmp_path, *args)
+    assert proc.returncode in (3, 8), proc.stderr  # ConfigError, NotFound
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and shown in lines[0], lines
+
+
+def test_the_researcher_needs_its_experiment(tmp_path):
+    comp = _component(tmp_path / "r-comp", "researcher")
+    proc = hpcfed("submit", "researcher", "--site", "local", "--kit", str(comp), "--dry-run")
+    assert proc.returncode == 3
+    assert "--input experiment=FILE: the fedbiomed researcher needs its experiment" in proc.stderr
+    script = tmp_path / "exp.py"
+    script.write_text("print('hello')\n")
+    proc = hpcfed(
+        "submit", "researcher", "--site", "local", "--kit", str(comp), "--dry-run", "--json",
+        "--input", f"experiment={script}",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["plan"]["inputs"][0]["dest"] == "experiment.py"
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_inputs_are_a_snapshot_in_the_deployments_directory(slurm_cluster, tmp_path):
+    """Copied at submit: the job reads the copy, whatever happens to the file afterwards."""
+    pw = pwd.getpwnam(USER)
+    own = tmp_path / "inputs"
+    own.mkdir()
+    script = own / "exp.py"
+    script.write_text("print('snapshot-1')\n")
+    for path in (tmp_path, own, script):
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+    name = f"fbm-in-{uuid.uuid4().hex[:6]}"
+    proc = hpcfed(
+        "submit", "researcher", "--site", "local", "--name", name, "--gpus", "0",
+        "--input", f"experiment={script}", "--command", "sleep 2; cat experiment.py; sleep 300",
+        "--json", user=USER,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    script.write_text("print('changed')\n")
+    try:
+        deadline = time.monotonic() + 90
+        log = ""
+        while "snapshot-1" not in log:
+            assert time.monotonic() < deadline, log
+            time.sleep(1)
+            log = hpcfed("logs", name, user=USER).stdout
+        assert "changed" not in log
+        workdir = Path(json.loads(proc.stdout)["workdir"])
+        if not workdir.is_absolute():
+            workdir = Path(pw.pw_dir) / workdir
+        copy = workdir / "experiment.py"
+        assert copy.read_text() == "print('snapshot-1')\n"
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o644 and copy.stat().st_uid == pw.pw_uid
+    finally:
+        hpcfed("cancel", name, user=USER)
 
 
 # ---------------------------------------------------------------- a real federation, loopback

@@ -59,6 +59,14 @@ from hpcfed.errors import NotFound, SchedulerUnavailable
     "forwards follow from it and the role's ports (no -L needed).",
 )
 @click.option(
+    "--input",
+    "inputs",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="A file the role reads (e.g. a Fed-BioMed researcher's experiment=FILE, a node's "
+    "dataset=DESC.json), checked now and copied into the deployment's directory at submit.",
+)
+@click.option(
     "--dry-run",
     is_flag=True,
     help="Print the sbatch script (with --json: plan and script); submit nothing.",
@@ -80,6 +88,7 @@ def submit(
     forward_local,
     forward_remote,
     server_ip,
+    inputs,
     dry_run,
     as_json,
 ):
@@ -117,6 +126,7 @@ def submit(
         forward_local=tuple(forward_local),
         forward_remote=tuple(forward_remote),
         server_ip=server_ip,
+        inputs=tuple(inputs),
         dry_run=dry_run,
     )
     prepared = submission.prepare(request)

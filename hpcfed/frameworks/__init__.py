@@ -47,6 +47,18 @@ class Failure:
 
 
 @dataclass(frozen=True)
+class Input:
+    """A file the role's command reads from its workspace, given at submit (`--input NAME=FILE`)
+    and copied there: `dest` is a file name, or a folder (ending in /) for a `multiple` input."""
+
+    name: str
+    dest: str
+    required: bool = False
+    multiple: bool = False
+    check: Optional[str] = None  # the name of a content check (hpcfed.frameworks.inputs)
+
+
+@dataclass(frozen=True)
 class Role:
     framework: str
     name: str
@@ -61,6 +73,7 @@ class Role:
     local_ports: Tuple[str, ...] = ()
     env: Tuple[Tuple[str, str], ...] = ()
     failures: Tuple[Failure, ...] = ()
+    inputs: Tuple[Input, ...] = ()
 
     @property
     def needs_kit(self) -> bool:
@@ -132,6 +145,37 @@ def _role(fw: str, spec: dict, name: str, r: dict) -> Role:
         local_ports=local,
         env=tuple(sorted((k, str(v)) for k, v in env.items())),
         failures=tuple(_failure(fw, name, f) for f in r.get("failures") or ()),
+        inputs=tuple(_input(fw, name, n, i) for n, i in (r.get("inputs") or {}).items()),
+    )
+
+
+def _input(fw: str, role: str, name: str, i: dict) -> Input:
+    multiple = bool(i.get("multiple"))
+    dest = str(i.get("dest") or "")
+    if (
+        not dest
+        or dest.startswith("/")
+        or ".." in dest.split("/")
+        or multiple != dest.endswith("/")
+    ):
+        raise ConfigError(
+            f"{TABLE}: {fw}.{role}.inputs.{name}.dest {dest!r}: a relative file name, or a "
+            "folder ending in / for a multiple input"
+        )
+    check = i.get("check")
+    if check is not None:
+        from hpcfed.frameworks.inputs import CHECKS
+
+        if check not in CHECKS:
+            raise ConfigError(
+                f"{TABLE}: {fw}.{role}.inputs.{name}.check {check!r}: one of {', '.join(CHECKS)}"
+            )
+    return Input(
+        name=name,
+        dest=dest,
+        required=bool(i.get("required")),
+        multiple=multiple,
+        check=check,
     )
 
 

@@ -102,18 +102,30 @@ def plan_component(
     return ComponentPlan(role, federation, site, host, port, image)
 
 
-def read_facts(root: Path, plan: ComponentPlan) -> KitFacts:
-    """What the created component says about itself, checked against what was asked."""
+def _config(root: Path) -> configparser.ConfigParser:
     cfg = configparser.ConfigParser()
     if not cfg.read(root / CONFIG_FILE):
-        raise KitError(f"{root}: Fed-BioMed wrote no {CONFIG_FILE}")
+        raise KitError(f"{root}: no {CONFIG_FILE} (not a Fed-BioMed component)")
+    return cfg
+
+
+def component_address(root: Path, role: str) -> tuple[str, int]:
+    """The server address a component records: the researcher's own host and port, or the
+    researcher a node dials."""
+    cfg = _config(root)
+    section, key = ("server", "host") if role == "researcher" else ("researcher", "ip")
     try:
-        cert_rel = cfg.get("certificate", "public_key")
-        if plan.role == "researcher":
-            host, port = cfg.get("server", "host"), cfg.getint("server", "port")
-        else:
-            host, port = cfg.get("researcher", "ip"), cfg.getint("researcher", "port")
+        return cfg.get(section, key), cfg.getint(section, "port")
     except (configparser.Error, ValueError) as exc:
+        raise KitError(f"{root / CONFIG_FILE}: {exc}") from None
+
+
+def read_facts(root: Path, plan: ComponentPlan) -> KitFacts:
+    """What the created component says about itself, checked against what was asked."""
+    host, port = component_address(root, plan.role)
+    try:
+        cert_rel = _config(root).get("certificate", "public_key")
+    except configparser.Error as exc:
         raise KitError(f"{root / CONFIG_FILE}: {exc}") from None
     if (host, port) != (plan.server_host, plan.server_port):
         raise KitError(
@@ -183,12 +195,18 @@ def find_component(site: str, role: str) -> Optional[store.InstalledKit]:
     return store.find_kit(site, role)
 
 
-def resolve_component(kit: Optional[str], site: str, role) -> tuple:
-    """(kit dir, (server name, port), None) for a Fed-BioMed role at submit: --kit as given,
-    else the component installed for the site; its recorded server address is what the tunnel's
-    forward and the container's /etc/hosts provide."""
+def resolve_component(kit: Optional[str], site: str, role, local: bool = True) -> tuple:
+    """(kit dir, (server name, port), None) for a Fed-BioMed role at submit: --kit, else the
+    component installed for the site; its recorded server address is what the tunnel's forward
+    and the container's /etc/hosts provide. A --kit on the cluster only is used as given."""
     if kit is not None:
-        return kit, None, None
+        path = Path(os.path.expanduser(kit))
+        if not local or not path.is_dir():
+            return kit, None, None
+        try:
+            return kit, component_address(path, role.name), None
+        except KitError as exc:
+            raise KitError(f"--kit {kit}: {exc}") from None
     found = find_component(site, role.name)
     if found is None:
         raise NotFound(

@@ -61,6 +61,11 @@ class Runner(Protocol):
 
     def mkdirs(self, path: str) -> None: ...
 
+    def write_file(self, path: str, data: bytes) -> None:
+        """Replace `path` with `data` whole (a reader sees the old or the new file), mode 0644:
+        for the inputs a job reads, never for secrets."""
+        ...
+
     def close(self) -> None: ...
 
 

@@ -256,6 +256,22 @@ class SshRunner:
         if res.returncode != 0:
             raise NotFound(f"{self.where}: cannot create {path}: {res.stderr.strip()}")
 
+    def write_file(self, path: str, data: bytes) -> None:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        sftp = self._sftp_client()
+        try:
+            with sftp.open(tmp, "wb") as f:
+                f.write(data)
+            sftp.chmod(tmp, 0o644)
+            sftp.posix_rename(tmp, path)
+        except socket.timeout:
+            self.close()
+            raise SchedulerUnavailable(
+                f"{self.where}: writing {path} got no answer within {self._io_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise SchedulerUnavailable(f"{self.where}: cannot write {path}: {exc}") from None
+
     def close(self) -> None:
         if self._sftp is not None:
             self._sftp.close()
