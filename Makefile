@@ -38,9 +38,10 @@ test-fresh:
 	rm -rf /tmp/hpcfed-fresh-clone && git clone -q . /tmp/hpcfed-fresh-clone
 	cd /tmp/hpcfed-fresh-clone && CI=true bash .ci/run
 
-# FRAMEWORK=flower: the Flower federation (demo/flower.py) instead of NVFlare's.
+# FRAMEWORK=flower|fedbiomed: the Flower (demo/flower.py) or Fed-BioMed (demo/fedbiomed.py;
+# its image is ~3.5 GB, built once) federation instead of NVFlare's.
 FRAMEWORK ?= nvflare
-DEMO_ARGS := $(if $(filter flower,$(FRAMEWORK)),flower,)
+DEMO_ARGS := $(if $(filter flower fedbiomed,$(FRAMEWORK)),$(FRAMEWORK),)
 
 demo: bootstrap
 	HPCFED_VENV=$(VENV) bash scripts/demo $(DEMO_ARGS)

@@ -418,13 +418,7 @@ def resolve_tunnel(
 
 def scheduler_target(s: SchedulerSettings) -> SchedulerTarget:
     """Where the site's jobs go: the profile's scheduler section as a plan records it."""
-    return SchedulerTarget(
-        backend=s.backend,
-        connect=s.connect,
-        ssh=SshTarget(**s.ssh.model_dump()),
-        env=dict(s.env),
-        timeout=s.timeout,
-    )
+    return SchedulerTarget(**s.model_dump())
 
 
 def build_plan(

@@ -436,3 +436,85 @@ def test_two_nodes_and_a_researcher_give_the_exact_pooled_mean_also_with_secagg(
         for proc in nodes:
             os.killpg(proc.pid, 15)
             proc.wait(timeout=60)
+
+
+# ---------------------------------------------------------------- Slurm jobs through the hub
+
+
+@pytest.fixture(scope="module")
+def fbm_federation(slurm_cluster, fedbiomed_image):
+    """demo/fedbiomed.py's federation (what `make demo FRAMEWORK=fedbiomed` runs): a researcher
+    component and three node components (hospital-a on node2; hospital-b's two nodes both on
+    node3), a wireguard-go hub in a network namespace, the three node jobs running."""
+    for tool in ("wireguard-go", "wg"):
+        need(shutil.which(tool) is not None, f"{tool} is not installed (scripts/bootstrap)")
+    import sys
+
+    sys.path.append(str(Path(__file__).resolve().parent.parent))  # demo/
+    os.environ["HPCFED_DEMO_FEDBIOMED_SIF"] = fedbiomed_image
+    from demo import fedbiomed as demo
+
+    if demo.STATE_DIR.exists() or demo.demo_root().exists():
+        demo.FedBiomedFederation().down()
+    fed = demo.FedBiomedFederation(demo.State())
+    try:
+        fed.prepare()
+        fed.nodes = fed.launch_nodes()
+        yield fed
+    finally:
+        for name in fed.state.deployments:
+            print(f"----- hpcfed logs {name}")
+            print(fed.log(name)[-4000:])
+        fed.down()
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+@pytest.mark.wireguard
+@pytest.mark.apptainer
+@pytest.mark.fedbiomed_image
+@pytest.mark.timeout(1800)
+def test_researcher_and_nodes_as_slurm_jobs_meet_only_through_the_hub(fbm_federation):
+    from demo.fedbiomed import NODES, SERVER_NAME, expected_mean
+
+    fed = fbm_federation
+    before = fed.hub_traffic()
+    researcher = fed.submit_researcher()
+    # The exact pooled mean over every node's rows (3.5, not a mean of the nodes' means).
+    assert fed.result(researcher) == expected_mean() == {"x": 3.5, "y": 35.0}
+    status = fed.status(researcher, *fed.nodes)
+    # A researcher's normal end is the job's end, not a loss.
+    assert status[researcher]["job_state"] == "COMPLETED", status[researcher]
+    # Two nodes of one site on one compute node, each with its own component and dataset; the
+    # node jobs are still running, ready for the next experiment.
+    assert status["fbm-hospital-b"]["node"] == status["fbm-hospital-b2"]["node"] == "node3"
+    assert all(status[n]["job_state"] == "RUNNING" for n in fed.nodes), status
+    logs = {n: fed.log(n) for n in fed.nodes}
+    for log in logs.values():
+        assert "hpcfed: registering dataset datasets/" in log, log[-3000:]
+    # Each node reached the researcher only at its own tunnel forward; the two on node3 on
+    # different loopback addresses.
+    mapped = {
+        n: next(x for x in logs[n].splitlines() if f"container /etc/hosts: {SERVER_NAME} ->" in x)
+        for n in fed.nodes
+    }
+    assert len({line.rsplit(" ", 1)[-1] for line in mapped.values()}) == len(NODES), mapped
+    after = fed.hub_traffic()
+    for peer in [SERVER_NAME, *NODES]:
+        moved = after[peer].get("rx_bytes", 0) - before[peer].get("rx_bytes", 0)
+        assert moved > 1000, (peer, before[peer], after[peer])
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+@pytest.mark.wireguard
+@pytest.mark.apptainer
+@pytest.mark.fedbiomed_image
+@pytest.mark.timeout(1200)
+def test_secure_aggregation_through_the_hub_gives_the_same_mean(fbm_federation):
+    from demo.fedbiomed import expected_mean
+
+    fed = fbm_federation
+    researcher = fed.submit_researcher(secagg=True)
+    assert fed.result(researcher) == expected_mean()
+    assert "Aggregating encrypted parameters" in fed.log(researcher)

@@ -12,6 +12,7 @@ from typing import Dict, List, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hpcfed.profiles.units import parse_duration, parse_memory_mb
+from hpcfed.scheduler.target import SchedulerTarget, SshTarget
 
 _SIGNAL_RE = re.compile(r"(SIG)?(USR1|USR2|TERM|INT|HUP|QUIT|ALRM|CONT|URG)\Z")
 # One sbatch option value: sbatch splits `#SBATCH` lines on white space, so a space would start
@@ -59,21 +60,17 @@ class _Strict(BaseModel):
     model_config = _STRICT
 
 
-class SshSettings(_Strict):
-    host: Optional[str] = None
-    user: Optional[str] = None
-    port: int = Field(default=22, ge=1, le=65535)
-    key: Optional[str] = None  # a private key file; else the SSH agent / default keys
-    known_hosts: Optional[str] = None  # default ~/.ssh/known_hosts
-    accept_unknown_host: bool = False  # never on by default: unknown host keys are refused
+class SshSettings(SshTarget):
+    """scheduler.ssh: the fields and defaults are the plan's (hpcfed.scheduler.target)."""
+
+    model_config = _STRICT
 
 
-class SchedulerSettings(_Strict):
-    backend: Literal["slurm-cli", "pyslurm"] = "slurm-cli"
-    connect: Literal["local", "ssh"] = "local"
+class SchedulerSettings(SchedulerTarget):
+    """scheduler: the fields and defaults are the plan's (hpcfed.scheduler.target)."""
+
+    model_config = _STRICT
     ssh: SshSettings = SshSettings()
-    env: Dict[str, str] = {}  # environment for sbatch/squeue/... (e.g. SLURM_CONF)
-    timeout: int = Field(default=30, ge=1)  # seconds one scheduler command may take
 
     @model_validator(mode="after")
     def _ssh_needs_a_host(self) -> SchedulerSettings:

@@ -7,27 +7,29 @@ table on every call.
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The settings are defined here once: the site profile's `scheduler:` section
+# (hpcfed.profiles.schema.SchedulerSettings) is these models read strictly, with its checks.
 class SshTarget(_Frozen):
     host: Optional[str] = None
     user: Optional[str] = None
-    port: int = 22
-    key: Optional[str] = None
-    known_hosts: Optional[str] = None
-    accept_unknown_host: bool = False
+    port: int = Field(default=22, ge=1, le=65535)
+    key: Optional[str] = None  # a private key file; else the SSH agent / default keys
+    known_hosts: Optional[str] = None  # default ~/.ssh/known_hosts
+    accept_unknown_host: bool = False  # never on by default: unknown host keys are refused
 
 
 class SchedulerTarget(_Frozen):
-    backend: str = "slurm-cli"
-    connect: str = "local"
+    backend: Literal["slurm-cli", "pyslurm"] = "slurm-cli"
+    connect: Literal["local", "ssh"] = "local"
     ssh: SshTarget = SshTarget()
-    env: Dict[str, str] = {}
-    timeout: int = 30
+    env: Dict[str, str] = {}  # environment for sbatch/squeue/... (e.g. SLURM_CONF)
+    timeout: int = Field(default=30, ge=1)  # seconds one scheduler command may take
