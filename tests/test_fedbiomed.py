@@ -479,8 +479,30 @@ def test_researcher_and_nodes_as_slurm_jobs_meet_only_through_the_hub(fbm_federa
 
     fed = fbm_federation
     before = fed.hub_traffic()
+    # A node preempted before the researcher starts: a high-priority job takes every GPU of
+    # hospital-a's node; the node job requeues itself and comes back with its component.
+    victim = "fbm-hospital-a"
+    job_id = fed.status(victim)[victim]["job_id"]
+    slurm = {"SLURM_CONF": "/var/lib/hpcfed/testcluster/etc/slurm.conf"}
+    high = run(
+        ["sbatch", "--parsable", "-p", "high", "-w", "node2", "--gres=gpu:a40:4",
+         "--chdir=/tmp", "-o", "/dev/null", "--wrap", "sleep 15"],
+        env=slurm,
+    )  # fmt: skip
+    assert high.returncode == 0, high.stderr
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, fed.status(victim)
+        shown = run(["scontrol", "show", "job", job_id, "-o"], env=slurm).stdout
+        again = fed.status(victim)[victim]
+        if "Restarts=0" not in shown and again["job_state"] == "RUNNING":
+            break
+        time.sleep(2)
+    assert again["job_id"] == job_id
+    assert any(e["event"] == "role-stopped" for e in again["events"]), again["events"]
     researcher = fed.submit_researcher()
-    # The exact pooled mean over every node's rows (3.5, not a mean of the nodes' means).
+    # The exact pooled mean over every node's rows (3.5, not a mean of the nodes' means): the
+    # requeued node is counted.
     assert fed.result(researcher) == expected_mean() == {"x": 3.5, "y": 35.0}
     status = fed.status(researcher, *fed.nodes)
     # A researcher's normal end is the job's end, not a loss.

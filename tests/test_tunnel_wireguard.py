@@ -873,3 +873,86 @@ def test_a_neighbour_flooding_the_forward_does_not_stall_the_owner(fed):
     assert refused >= flood["connected"] > 4000, (refused, flood)
     lines = client.output().count("refused") - log_before
     assert lines <= 2 + flood["seconds"] / 10 + 2, f"{lines} log lines for 5,000 refusals"
+
+
+TLS_SERVER = r"""
+import socket, ssl, sys, threading
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[2], sys.argv[3])
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(16)
+def serve(c):
+    try:
+        with ctx.wrap_socket(c, server_side=True) as t:
+            t.recv(1)
+    except OSError:
+        pass
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_doctor_says_whether_the_server_answers_through_the_tunnel(fed, tmp_path):
+    """`hpcfed doctor --tunnel-config C --server-ip IP --role ROLE`: this peer's own tunnel, a
+    TLS handshake with whatever answers at the server's port. A TLS server answers; a port
+    nothing listens on is closed; a non-TLS service is named as such; an address the hub does
+    not route to (another client) gives no answer - each a FAIL line with what to check."""
+    net = fed["net"]
+    tls_port = 19443
+    home = Path(pwd.getpwnam(SRV).pw_dir)
+    key, cert = home / "probe-tls.key", home / "probe-tls.crt"
+    made = run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "1", "-subj", "/CN=fl-server", "-keyout", str(key), "-out", str(cert)],
+        user=SRV,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    tls = subprocess.Popen(
+        ["runuser", "-u", SRV, "--", sys.executable, "-c", TLS_SERVER, str(tls_port),
+         str(cert), str(key)],
+        start_new_session=True,
+    )  # fmt: skip
+    srv2_conf, srv2_ip = peer_config(net, "server", "fl-server-tls", SRV)
+    server2 = Tunnel(
+        SRV, srv2_conf, "-R", f"9443=127.0.0.1:{tls_port}", "-R", f"9001=127.0.0.1:{ECHO_PORT}",
+        name="srv-tls",
+    )  # fmt: skip
+    probe_conf, _ = peer_config(net, "client", "doctor-probe", CLI)
+    other_conf, other_ip = peer_config(net, "client", "doctor-other", OTHER)
+    other = Tunnel(OTHER, other_conf, "-R", f"9443=127.0.0.1:{tls_port}", name="doctor-other")
+    srv2_ip, other_ip = srv2_ip.split("/")[0], other_ip.split("/")[0]
+
+    def doctor(ip, *args):
+        proc = hpcfed(
+            "doctor", "--tunnel-config", probe_conf, "--server-ip", ip, *args, "--json",
+            user=CLI, timeout=90,
+        )  # fmt: skip
+        rows = json.loads(proc.stdout) if proc.stdout.strip() else []
+        return proc, rows
+
+    try:
+        server2.wait_ready()
+        other.wait_ready()
+        proc, rows = doctor(srv2_ip, "--port", "9443")
+        assert proc.returncode == 0, (proc.stderr, rows)
+        assert rows[0]["ok"] and "a TLS server answered" in rows[0]["detail"], rows
+        proc, rows = doctor(srv2_ip, "--port", "9444", "--port", "9001")
+        assert proc.returncode == 7, proc.stderr
+        closed, echo = rows
+        assert not closed["ok"] and "nothing listens on that port" in closed["detail"], rows
+        assert not echo["ok"] and "not TLS" in echo["detail"], rows
+        assert "hpcfed status" in closed["fix"]
+        proc, rows = doctor(other_ip, "--port", "9443")
+        assert proc.returncode == 7 and "no answer within" in rows[0]["detail"], rows
+        # The role says which port: a Fed-BioMed node dials 50051 (nothing there: closed).
+        proc, rows = doctor(srv2_ip, "--role", "node")
+        assert [r["check"] for r in rows] == [f"server {srv2_ip}:50051"], rows
+        bad = hpcfed("doctor", "--tunnel-config", probe_conf, "--server-ip", "fl-server", user=CLI)
+        assert bad.returncode == 3 and "not an IPv4 tunnel address" in bad.stderr
+    finally:
+        other.stop()
+        server2.stop()
+        os.killpg(tls.pid, signal.SIGKILL)
+        tls.wait()

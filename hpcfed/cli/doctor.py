@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from hpcfed.cli._common import complete_sites, emit, json_option, table
-from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
+from hpcfed.errors import ConfigError, EnvironmentProblem, HpcfedError, SchedulerUnavailable
 
 
 def _run(runner, argv):
@@ -118,6 +118,38 @@ def _checks(site_name: str):
         runner.close()
 
 
+def _reach_checks(tunnel_config: str, server_ip: str, ports):
+    """Yield (check, ok, detail, fix): the server's ports through this peer's own tunnel."""
+    from hpcfed.tunnel.probe import probe_server
+
+    for port in ports:
+        result = probe_server(tunnel_config, server_ip, port)
+        fix = (
+            ""
+            if result.ok
+            else "is the server's job running (hpcfed status), and its peer registered at the hub "
+            "(hpcfed hub list)?"
+        )
+        yield f"server {server_ip}:{port}", result.ok, result.detail, fix
+
+
+def _reach_ports(role_name, framework, ports):
+    """The ports to try: --port, else every port the role dials (hpcfed.frameworks)."""
+    from hpcfed import frameworks
+
+    if ports:
+        return list(ports)
+    if not role_name:
+        raise ConfigError("--server-ip: say which ports with --role ROLE or --port PORT")
+    role = frameworks.role(framework or frameworks.framework_of(role_name), role_name)
+    if not role.dials:
+        raise ConfigError(
+            f"--role {role_name}: the {role.framework} {role.name} dials no server port "
+            "(a server role is reached, it does not reach)"
+        )
+    return [port for _, port in role.dials]
+
+
 @click.command()
 @click.option(
     "--site",
@@ -126,23 +158,52 @@ def _checks(site_name: str):
     shell_complete=complete_sites,
     help="Site to check (default: every known site).",
 )
+@click.option(
+    "--tunnel-config",
+    default=None,
+    help="Also check the federation's server through this peer's tunnel (with --server-ip).",
+)
+@click.option("--server-ip", default=None, help="The server's tunnel address (hpcfed hub list).")
+@click.option("--role", "role_name", default=None, help="The ports this role dials are tried.")
+@click.option("--framework", default=None, help="The role's framework (default: from the role).")
+@click.option("--port", "ports", type=int, multiple=True, help="A server port to try (repeatable).")
 @json_option
-def doctor(sites, as_json):
+def doctor(sites, tunnel_config, server_ip, role_name, framework, ports, as_json):
     """Check that a site works: profile, scheduler, accounting, partitions, GPUs, Apptainer.
+
+    With --tunnel-config and --server-ip it also starts this peer's tunnel (userspace, as the
+    job does) and checks that the server answers on the ports the role dials - from where it
+    runs: on a compute node, `srun hpcfed doctor ...`.
 
     Prints what to fix; exits 4 when a scheduler does not answer, 7 when anything else fails.
 
     \b
     Example:
       hpcfed doctor --site local
+      hpcfed doctor --site hospital-a --tunnel-config ~/site.wg.conf \\
+          --server-ip 10.220.0.2 --role node
     """
     from hpcfed.profiles import site_names
 
-    names = list(sites) or list(site_names())
+    if bool(tunnel_config) != bool(server_ip):
+        raise ConfigError("--tunnel-config and --server-ip: give both (or neither)")
+    if server_ip:
+        import ipaddress
+
+        try:
+            ipaddress.IPv4Address(server_ip)
+        except ValueError:
+            raise ConfigError(f"--server-ip {server_ip!r}: not an IPv4 tunnel address") from None
+    reach = _reach_ports(role_name, framework, ports) if server_ip else []
+    # Only the tunnel is checked when it is asked for and no site is named.
+    names = list(sites) or ([] if server_ip else list(site_names()))
     results = []
     for name in names:
         for check, ok, detail, fix in _checks(name):
             results.append({"site": name, "check": check, "ok": ok, "detail": detail, "fix": fix})
+    if reach:
+        for check, ok, detail, fix in _reach_checks(tunnel_config, server_ip, reach):
+            results.append({"site": "-", "check": check, "ok": ok, "detail": detail, "fix": fix})
     emit(
         results,
         as_json,
