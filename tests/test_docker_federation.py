@@ -9,11 +9,13 @@ through its own tunnel. Then the faults:
 - node loss: a client's compute node is killed mid-training; Slurm ends its job NODE_FAIL,
   `hpcfed rejoin` from the other login node resubmits it on another node, the client is back in
   the federation and the next training job completes with both clients;
-- hub restart: every tunnel recovers without resubmission and the next job completes.
+- hub restart: every tunnel recovers without resubmission and the next job completes;
+- controller stop and network cut, together, mid-training: the training finishes, nothing is
+  resubmitted, and the cut client trains in the next job.
 
 The dashboard runs on the Docker host, bound to its address on the "internet" network (the hub's
-side; the compute nodes' firewall rejects it). Node-level faults on the stand-in roles (network
-cut, controller restart) are in test_docker_cluster_faults.py.
+side; the compute nodes' firewall rejects it). The same faults with stand-in roles (and a
+scheduler-level view of them) are in test_docker_cluster_faults.py.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,6 +352,51 @@ def test_hub_restart_every_tunnel_recovers_without_resubmission(docker_federatio
     for site in fed.deployments:
         d = fed.status(site)
         assert d["job_state"] == "RUNNING" and d["job_id"] == jobs[site], (site, d)
+
+
+@pytest.mark.timeout(900)
+def test_controller_stop_and_network_cut_mid_training_nothing_resubmitted(docker_federation):
+    """The controller stopped and a client's node cut off the hub, both for 40 s in the middle
+    of training: the roles keep running (the controller is not in the data path; the tunnel
+    and NVFlare's connections ride out the cut), status says UNKNOWN meanwhile - never gone -,
+    rejoin resubmits nothing, and the next job trains with both clients again."""
+    fed, lab = docker_federation, docker_federation.lab
+    jobs = {site: fed.status(site)["job_id"] for site in fed.deployments}
+    victim = "hospital-a"
+    node = fed.status(victim)["node"]
+    net = f"{lab.spec.project}_internet"
+    result: dict = {}
+    trainer = threading.Thread(target=lambda: result.update(fed.train("long", timeout=600)))
+    trainer.start()
+    wait_for("the second round", lambda: _round_started(fed, 1), 240, 2)
+    subprocess.run(["docker", "stop", lab.spec.container("slurmctld")], check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["docker", "network", "disconnect", net, lab.spec.container(node)], check=True)
+    try:
+        time.sleep(5)
+        unknown = fed.hpcfed("status", fed.deployments[victim], "--json", check=False)
+        assert json.loads(unknown.stdout)["deployments"][0]["job_state"] == "UNKNOWN", unknown
+        time.sleep(35)
+    finally:
+        subprocess.run(
+            ["docker", "network", "connect", "--ip", lab.spec.internet_ip(node), net,
+             lab.spec.container(node)],
+            capture_output=True,
+        )  # fmt: skip
+        subprocess.run(["docker", "start", lab.spec.container("slurmctld")], capture_output=True)
+        lab.cluster.wait_ready(["slurmctld"])
+    trainer.join(timeout=700)
+    assert not trainer.is_alive(), "the training job did not end"
+    assert result.get("status", "").startswith("FINISHED"), result
+    proc = fed.hpcfed("rejoin", "--json", host="login2")
+    assert {d["action"] for d in json.loads(proc.stdout)["deployments"]} == {"ok"}, proc.stdout
+    for site in fed.deployments:
+        d = fed.status(site)
+        assert d["job_state"] == "RUNNING" and d["job_id"] == jobs[site], (site, d)
+    traffic = fed.hub_traffic()
+    again = fed.train("short", timeout=400)
+    assert again.get("status") == "FINISHED:COMPLETED", again
+    after = fed.hub_traffic()
+    assert after[victim][0] - traffic[victim][0] > 20_000, (traffic, after)
 
 
 def test_the_dashboard_is_on_the_hubs_side_reached_from_login_nodes_only(docker_federation):
