@@ -1,15 +1,16 @@
-"""Fed-BioMed 6.4.1: its image, its components as kits, and a real federation in the image.
+"""Fed-BioMed 6.4.1: its image, its components as kits, its inputs, and a federation of Slurm jobs.
 
 Real parts: Apptainer 1.4, the Fed-BioMed image built by `hpcfed image build` from the offline
 bookworm base (pip reaches PyPI at build time only), `fedbiomed component create` run by
-`hpcfed kit fedbiomed create` as the non-root test user, and two Fed-BioMed nodes plus a
-researcher talking gRPC on loopback inside that image (no GPU is needed: analytics on CSVs).
+`hpcfed kit fedbiomed create` as the non-root test user, and a researcher job and three node jobs
+on the local Slurm test cluster meeting only through a wireguard-go hub (demo/fedbiomed.py; no
+GPU is needed: analytics on CSVs, the GPUs are Slurm's gres).
 
 The image is ~3.5 GB (torch is a hard dependency of Fed-BioMed, and PyPI's x86_64 torch is the
 CUDA build), so it is built once per version of its definition file and reused: it lives in
-/var/cache/hpcfed/fedbiomed-<hash of fedbiomed.def>/, and a changed definition builds anew.
+/var/cache/hpcfed/fedbiomed-<hash of fedbiomed.def>/, and a changed definition builds anew
+(~4 min here with zstd: pip ~3 min, mksquashfs ~1 min).
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -327,13 +328,13 @@ def test_the_researcher_needs_its_experiment(tmp_path):
 def test_inputs_are_a_snapshot_in_the_deployments_directory(slurm_cluster, tmp_path):
     """Copied at submit: the job reads the copy, whatever happens to the file afterwards."""
     pw = pwd.getpwnam(USER)
-    own = tmp_path / "inputs"
+    name = f"fbm-in-{uuid.uuid4().hex[:6]}"
+    own = Path(pw.pw_dir) / name  # the user's own file (pytest's tmp_path is root's, 0700)
     own.mkdir()
     script = own / "exp.py"
     script.write_text("print('snapshot-1')\n")
-    for path in (tmp_path, own, script):
+    for path in (own, script):
         os.chown(path, pw.pw_uid, pw.pw_gid)
-    name = f"fbm-in-{uuid.uuid4().hex[:6]}"
     proc = hpcfed(
         "submit", "researcher", "--site", "local", "--name", name, "--gpus", "0",
         "--input", f"experiment={script}", "--command", "sleep 2; cat experiment.py; sleep 300",
@@ -357,85 +358,7 @@ def test_inputs_are_a_snapshot_in_the_deployments_directory(slurm_cluster, tmp_p
         assert stat.S_IMODE(copy.stat().st_mode) == 0o644 and copy.stat().st_uid == pw.pw_uid
     finally:
         hpcfed("cancel", name, user=USER)
-
-
-# ---------------------------------------------------------------- a real federation, loopback
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.apptainer
-@pytest.mark.fedbiomed_image
-@pytest.mark.timeout(4800)  # the first use builds the image (fixture)
-def test_two_nodes_and_a_researcher_give_the_exact_pooled_mean_also_with_secagg(
-    fedbiomed_image, tmp_path
-):
-    """Components from `hpcfed kit fedbiomed create`, CSVs registered from description files,
-    two nodes started as a job starts them, the shipped experiment: the pooled mean is exact
-    (3.0, not the 3.25 of averaging the two nodes' means), plain and with secure aggregation."""
-    port = _free_port()
-    work = tmp_path / "fbm"
-    work.mkdir()
-    fed = f"fbm-{uuid.uuid4().hex[:6]}"
-    comps = {}
-    for role, site in (("researcher", "hub"), ("node", "site-1"), ("node", "site-2")):
-        proc = hpcfed(
-            "kit", "fedbiomed", "create", role, "--federation", fed, "--site", site,
-            "--server", f"localhost:{port}", "--image", fedbiomed_image, "--json", timeout=600,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        comps[site] = work / site
-        shutil.copytree(json.loads(proc.stdout)["path"], comps[site])  # as the job does
-    shutil.copy(Path(__file__).parent.parent / "demo" / "fedbiomed" / "experiment.py", work)
-    rows = {"site-1": "x,y\n1,10\n2,20\n3,30\n", "site-2": "x,y\n4,40\n5,50\n"}
-    for site, csv in rows.items():
-        (work / f"{site}.csv").write_text(csv)
-        # tags: a comma-separated string (a JSON list becomes the tag "['...']")
-        desc = {"path": str(work / f"{site}.csv"), "data_type": "csv", "tags": "hpcfed-test",
-                "description": f"{site} rows", "name": f"{site}-data"}  # fmt: skip
-        (work / f"{site}.json").write_text(json.dumps(desc))
-
-    def in_image(*argv, env=None):
-        extra = {f"APPTAINERENV_{k}": v for k, v in (env or {}).items()}
-        return ["apptainer", "exec", "--cleanenv", "--containall", "--bind", str(work),
-                "--pwd", str(work), fedbiomed_image, *argv], extra  # fmt: skip
-
-    for site in rows:
-        argv, extra = in_image("fedbiomed", "node", "-p", str(comps[site]), "dataset", "add",
-                               "--file", str(work / f"{site}.json"))  # fmt: skip
-        added = run(argv, env=extra, timeout=600)
-        assert added.returncode == 0, added.stdout[-2000:] + added.stderr[-2000:]
-    nodes = []
-    try:
-        for site in rows:
-            argv, extra = in_image("fedbiomed", "node", "-p", str(comps[site]), "start", "--force")
-            log = open(work / f"{site}.log", "w")
-            nodes.append(
-                subprocess.Popen(argv, env=dict(os.environ, **extra), stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-            )  # fmt: skip
-        for secagg in ("0", "1"):
-            argv, extra = in_image(
-                "python", "experiment.py",
-                env={"FBM_RESEARCHER_COMPONENT_ROOT": str(comps["hub"]), "FBM_TAG": "hpcfed-test",
-                     "FBM_EXPECTED_NODES": "2", "FBM_SECAGG": secagg},
-            )  # fmt: skip
-            out = run(argv, env=extra, timeout=900)
-            text = out.stdout + out.stderr
-            assert out.returncode == 0, text[-3000:]
-            (line,) = [x for x in text.splitlines() if x.startswith("FEDERATED-MEAN ")]
-            assert json.loads(line.split(" ", 1)[1]) == {"x": 3.0, "y": 30.0}
-            assert ("Aggregating encrypted parameters" in text) == (secagg == "1"), text[-3000:]
-    finally:
-        for proc in nodes:
-            os.killpg(proc.pid, 15)
-            proc.wait(timeout=60)
+        shutil.rmtree(own, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- Slurm jobs through the hub
@@ -538,5 +461,8 @@ def test_secure_aggregation_through_the_hub_gives_the_same_mean(fbm_federation):
 
     fed = fbm_federation
     researcher = fed.submit_researcher(secagg=True)
-    assert fed.result(researcher) == expected_mean()
+    mean = fed.result(researcher)
+    # Secure aggregation sums fixed-point encodings: the pooled mean up to its quantisation
+    # (measured: 34.9922 for 35), far from the mean of the nodes' means (4.17 / 41.7).
+    assert mean == pytest.approx(expected_mean(), abs=0.05), mean
     assert "Aggregating encrypted parameters" in fed.log(researcher)
