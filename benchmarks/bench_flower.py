@@ -189,6 +189,7 @@ def main() -> int:
         for r in ("superlink", "supernode")
     }
     startup, via_hpcfed, direct, failures = [], [], [], []
+    load_before = os.getloadavg()[0]
     for i in range(max(args.runs, MIN_RUNS)):
         print(f"run {i + 1}: loopback", flush=True)
         direct += loopback_side(args.rounds, images)["rounds"]
@@ -203,9 +204,11 @@ def main() -> int:
         via_hpcfed += h["rounds"]
         print(f"  first round {h['submit_to_first_round']:.1f} s, rounds {h['rounds']}", flush=True)
     out = REPO / "benchmarks" / "results" / "flower.md"
+    load = os.getloadavg()[0]
     out.write_text(
         "# Flower: hpcfed vs bare loopback\n\n"
-        f"{describe()}\n\n"
+        f"Measured {time.strftime('%Y-%m-%d')} on: {describe()}; load average (1 min) at the "
+        f"start {load_before:.1f}, at the end {load:.1f}\n\n"
         f"`python benchmarks/bench_flower.py --runs {args.runs} --rounds {args.rounds}`; both sides "
         "interleaved run by run; the shipped numpy app, 2 SuperNodes, TLS and node authentication "
         "on both sides.\n\n"

@@ -18,13 +18,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
+from demo.common import DemoUser, SavedState, cluster_up, hub_up
 from demo.federation import BASE_SIF, IMAGE_DIR, USER, DemoError, say, sh
 from demo.flower import ACTIVE
 from demo.hubnet import HPCFED, HubNet
@@ -50,23 +50,7 @@ def expected_mean() -> dict:
     return {"x": sum(x for x, _ in rows) / len(rows), "y": sum(y for _, y in rows) / len(rows)}
 
 
-def demo_root() -> Path:
-    import pwd
-
-    return Path(pwd.getpwnam(USER).pw_dir) / "hpcfed-demo-fedbiomed"
-
-
-def user_env() -> dict:
-    root = demo_root() / "xdg"
-    return {f"XDG_{k.upper()}_HOME": str(root / k) for k in ("config", "data", "state", "cache")}
-
-
-def hpcfed(*args, check: bool = True, timeout: float = 600):
-    return sh(HPCFED + list(args), user=USER, env=user_env(), check=check, timeout=timeout)
-
-
-def hpcfed_json(*args, **kw):
-    return json.loads(hpcfed(*args, "--json", **kw).stdout)
+DEMO = DemoUser("hpcfed-demo-fedbiomed")
 
 
 def as_user_file(path: Path, text: str) -> None:
@@ -75,26 +59,14 @@ def as_user_file(path: Path, text: str) -> None:
 
 
 @dataclass
-class State:
+class State(SavedState):
+    state_dir: ClassVar[Path] = STATE_DIR
     deployments: list = field(default_factory=list)
     image: str = ""
     tunnel_ips: dict = field(default_factory=dict)
     public_keys: dict = field(default_factory=dict)
     kits: dict = field(default_factory=dict)
     timeline: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls) -> State:
-        try:
-            return cls(**json.loads((STATE_DIR / "state.json").read_text()))
-        except FileNotFoundError:
-            return cls()
-
-    def save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = STATE_DIR / "state.json.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, STATE_DIR / "state.json")
 
 
 class FedBiomedFederation:
@@ -110,7 +82,7 @@ class FedBiomedFederation:
 
     @property
     def userdir(self) -> Path:
-        return demo_root()
+        return DEMO.root
 
     def mark(self, event: str) -> None:
         self.state.timeline[event] = time.time()
@@ -118,23 +90,13 @@ class FedBiomedFederation:
 
     # ---------------------------------------------------------------- machines
     def cluster_up(self) -> None:
-        say("the local Slurm test cluster (hpcfed testcluster up)")
-        sh(HPCFED + ["testcluster", "up"], timeout=900)
-        os.environ["SLURM_CONF"] = "/var/lib/hpcfed/testcluster/etc/slurm.conf"
-        sh(["mkdir", "-p", str(self.userdir / "data"), *user_env().values()], user=USER)
+        cluster_up()
+        DEMO.make_dirs(self.userdir / "data")
 
     def hub_up(self) -> None:
-        say(f"the WireGuard hub (wireguard-go in netns {self.hub.ns}, {self.hub.endpoint})")
-        self.hub.create()
-        self.hub.hub(
-            "init", "--endpoint", self.hub.endpoint, "--interface", self.hub.iface,
-            "--keepalive", "5",
-        )  # fmt: skip
-        self.hub.hub("up", "--userspace")
+        hub_up(self.hub)
 
     def site_profiles(self) -> None:
-        sites = Path(user_env()["XDG_CONFIG_HOME"]) / "hpcfed" / "sites"
-        sh(["mkdir", "-p", str(sites)], user=USER)
         profiles = {
             "fbm-local": (
                 "extends: local\ndescription: the local test cluster, Fed-BioMed demo directories\n"
@@ -147,11 +109,7 @@ class FedBiomedFederation:
                 f"extends: fbm-local\ndescription: Fed-BioMed demo site {profile}\n"
                 f'partitions:\n  default: low\nextra_directives: ["--nodelist={node}"]\n'
             )
-        for site, text in profiles.items():
-            subprocess.run(
-                ["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
-                input=text, capture_output=True, text=True, check=True,
-            )  # fmt: skip
+        DEMO.write_profiles(profiles)
 
     def image(self) -> str:
         given = os.environ.get("HPCFED_DEMO_FEDBIOMED_SIF")
@@ -159,7 +117,7 @@ class FedBiomedFederation:
             self.state.image = given
         else:
             sh(["install", "-d", "-o", USER, "-g", USER, "-m", "0755", str(IMAGE_DIR)])
-            listed = hpcfed_json("image", "list", "--image-dir", str(IMAGE_DIR))["images"]
+            listed = DEMO.hpcfed_json("image", "list", "--image-dir", str(IMAGE_DIR))["images"]
             have = [
                 i
                 for i in listed
@@ -169,7 +127,7 @@ class FedBiomedFederation:
                 self.state.image = have[0]["path"]
             else:
                 say(f"building the Fed-BioMed {VERSION} image (~3.5 GB; 15-65 min here)")
-                out = hpcfed_json(
+                out = DEMO.hpcfed_json(
                     "image", "build", "node", "--framework", "fedbiomed", "--version", VERSION,
                     "--base", f"localimage:{BASE_SIF}", "--image-dir", str(IMAGE_DIR),
                     "--compression", "zstd", timeout=5400,
@@ -181,14 +139,14 @@ class FedBiomedFederation:
 
     # ---------------------------------------------------------------- components, keys, data
     def components(self) -> None:
-        made = hpcfed_json(
+        made = DEMO.hpcfed_json(
             "kit", "fedbiomed", "create", "researcher", "--federation", FEDERATION,
             "--site", "fbm-local", "--server", f"{SERVER_NAME}:{PORT}",
             "--image", self.state.image,
         )  # fmt: skip
         say(f"researcher: component {made['path']}")
         for name in NODES:
-            made = hpcfed_json(
+            made = DEMO.hpcfed_json(
                 "kit", "fedbiomed", "create", "node", "--federation", FEDERATION,
                 "--site", name, "--server", f"{SERVER_NAME}:{PORT}",
                 "--image", self.state.image,
@@ -220,15 +178,8 @@ class FedBiomedFederation:
     def tunnel_keys(self) -> None:
         peers = [("server", SERVER_NAME)] + [("client", n) for n in NODES]
         for type_, peer in peers:
-            info = json.loads(self.hub.hub("genconf", type_, peer, "--json").stdout)
-            conf = self.userdir / f"{peer}.wg.conf"
-            shutil.copy(info["config"], conf)
-            shutil.chown(conf, USER, USER)
-            os.chmod(conf, 0o600)
-            pub = hpcfed_json("vpn", "keygen", "--config", str(conf), "--force")["public_key"]
-            self.hub.hub("add", type_, peer, pub)
-            self.state.public_keys[peer] = pub
-            self.state.tunnel_ips[peer] = info["address"].split("/")[0]
+            ip, pub = DEMO.make_peer(self.hub, type_, peer)
+            self.state.tunnel_ips[peer], self.state.public_keys[peer] = ip, pub
         self.state.save()
 
     # ---------------------------------------------------------------- jobs
@@ -236,7 +187,7 @@ class FedBiomedFederation:
         profile, _, _ = NODES[name]
         deployment = f"fbm-{name}"
         say(f"site {name}: hpcfed submit node --site {profile} (its dataset, 1 GPU)")
-        hpcfed(
+        DEMO.hpcfed(
             "submit", "node", "--site", profile, "--name", deployment, "--gpus", "1",
             "--image", self.state.image, "--kit", self.state.kits[name],
             "--tunnel-config", str(self.userdir / f"{name}.wg.conf"),
@@ -253,7 +204,7 @@ class FedBiomedFederation:
             f"researcher: hpcfed submit researcher (its experiment{', secure aggregation' * secagg})"
         )
         self.mark("submit_researcher")
-        hpcfed(
+        DEMO.hpcfed(
             "submit", "researcher", "--site", "fbm-local", "--name", deployment, "--gpus", "0",
             "--image", self.state.image,
             "--tunnel-config", str(self.userdir / f"{SERVER_NAME}.wg.conf"),
@@ -264,7 +215,7 @@ class FedBiomedFederation:
         return deployment
 
     def status(self, *names) -> dict:
-        return {d["name"]: d for d in hpcfed_json("status", *names)["deployments"]}
+        return {d["name"]: d for d in DEMO.hpcfed_json("status", *names)["deployments"]}
 
     def wait_state(self, names, states, timeout: float) -> dict:
         deadline = time.monotonic() + timeout
@@ -277,7 +228,7 @@ class FedBiomedFederation:
         raise DemoError(f"not {'/'.join(states)} within {timeout:.0f} s: {status}")
 
     def log(self, name: str) -> str:
-        return hpcfed("logs", name, check=False).stdout
+        return DEMO.hpcfed("logs", name, check=False).stdout
 
     def result(self, researcher: str, timeout: float = 900) -> dict:
         """The researcher's FEDERATED-MEAN line, once its job has ended."""
@@ -314,10 +265,10 @@ class FedBiomedFederation:
 
     def down(self) -> None:
         for name in self.state.deployments:
-            hpcfed("cancel", name, check=False)
+            DEMO.hpcfed("cancel", name, check=False)
         deadline = time.monotonic() + 90
         while self.state.deployments and time.monotonic() < deadline:
-            proc = hpcfed("status", *self.state.deployments, "--json", check=False)
+            proc = DEMO.hpcfed("status", *self.state.deployments, "--json", check=False)
             try:
                 rows = json.loads(proc.stdout)["deployments"]
             except (ValueError, KeyError):
@@ -327,7 +278,7 @@ class FedBiomedFederation:
             time.sleep(2)
         self.hub.destroy()
         shutil.rmtree(STATE_DIR, ignore_errors=True)
-        shutil.rmtree(demo_root(), ignore_errors=True)
+        shutil.rmtree(DEMO.root, ignore_errors=True)
         say("Fed-BioMed demo cleaned up (the test cluster stays up)")
 
 
@@ -335,7 +286,7 @@ def up() -> int:
     if os.geteuid() != 0:
         print("demo: run as root (it starts the test cluster and a hub)", file=sys.stderr)
         return 7
-    if STATE_DIR.exists() or demo_root().exists():
+    if STATE_DIR.exists() or DEMO.root.exists():
         FedBiomedFederation().down()
     fed = FedBiomedFederation(State())
     t0 = time.monotonic()

@@ -23,8 +23,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
+from demo.common import DemoUser, SavedState, cluster_up, hub_up
 from demo.federation import BASE_SIF, HPCFED, IMAGE_DIR, USER, DemoError, say, sh
 from demo.hubnet import HubNet
 
@@ -44,49 +45,33 @@ ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPEN
 EXPECTED_ROUNDS = 3
 
 
+DEMO = DemoUser("hpcfed-demo-flower")
+
+
 def demo_root() -> Path:
-    return Path(pwd.getpwnam(USER).pw_dir) / "hpcfed-demo-flower"
+    return DEMO.root
 
 
 def user_env() -> dict:
-    root = demo_root() / "xdg"
-    return {f"XDG_{k.upper()}_HOME": str(root / k) for k in ("config", "data", "state", "cache")}
+    return DEMO.env()
 
 
 def hpcfed(*args, check: bool = True, timeout: float = 600, env: Optional[dict] = None):
-    return sh(
-        HPCFED + list(args),
-        user=USER,
-        env={**user_env(), **(env or {})},
-        check=check,
-        timeout=timeout,
-    )
+    return DEMO.hpcfed(*args, check=check, timeout=timeout, env=env)
 
 
 def hpcfed_json(*args, **kw):
-    return json.loads(hpcfed(*args, "--json", **kw).stdout)
+    return DEMO.hpcfed_json(*args, **kw)
 
 
 @dataclass
-class State:
+class State(SavedState):
+    state_dir: ClassVar[Path] = STATE_DIR
     deployments: list = field(default_factory=list)
     images: dict = field(default_factory=dict)
     tunnel_ips: dict = field(default_factory=dict)
     public_keys: dict = field(default_factory=dict)
     timeline: dict = field(default_factory=dict)
-
-    @classmethod
-    def load(cls) -> State:
-        try:
-            return cls(**json.loads((STATE_DIR / "state.json").read_text()))
-        except FileNotFoundError:
-            return cls()
-
-    def save(self) -> None:
-        STATE_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = STATE_DIR / "state.json.tmp"
-        tmp.write_text(json.dumps(self.__dict__, indent=1))
-        os.replace(tmp, STATE_DIR / "state.json")
 
 
 class FlowerFederation:
@@ -110,23 +95,13 @@ class FlowerFederation:
 
     # ---------------------------------------------------------------- operators of the machines
     def cluster_up(self) -> None:
-        say("the local Slurm test cluster (hpcfed testcluster up)")
-        sh(HPCFED + ["testcluster", "up"], timeout=900)
-        os.environ["SLURM_CONF"] = "/var/lib/hpcfed/testcluster/etc/slurm.conf"
-        sh(["mkdir", "-p", str(self.userdir), *user_env().values()], user=USER)
+        cluster_up()
+        DEMO.make_dirs()
 
     def hub_up(self) -> None:
-        say(f"the WireGuard hub (wireguard-go in netns {self.hub.ns}, {self.hub.endpoint})")
-        self.hub.create()
-        self.hub.hub(
-            "init", "--endpoint", self.hub.endpoint, "--interface", self.hub.iface,
-            "--keepalive", "5",
-        )  # fmt: skip
-        self.hub.hub("up", "--userspace")
+        hub_up(self.hub)
 
     def site_profiles(self) -> None:
-        sites = Path(user_env()["XDG_CONFIG_HOME"]) / "hpcfed" / "sites"
-        sh(["mkdir", "-p", str(sites)], user=USER)
         profiles = {
             "flower-local": (
                 "extends: local\ndescription: the local test cluster, Flower demo directories\n"
@@ -140,11 +115,7 @@ class FlowerFederation:
                 f"extends: flower-local\ndescription: Flower demo site {site}\n"
                 f'partitions:\n  default: low\nextra_directives: ["--nodelist={node}"]\n'
             )
-        for site, text in profiles.items():
-            subprocess.run(
-                ["runuser", "-u", USER, "--", "tee", str(sites / f"{site}.yaml")],
-                input=text, capture_output=True, text=True, check=True,
-            )  # fmt: skip
+        DEMO.write_profiles(profiles)
 
     def images(self) -> dict:
         sh(["install", "-d", "-o", USER, "-g", USER, "-m", "0755", str(IMAGE_DIR)])
@@ -192,14 +163,7 @@ class FlowerFederation:
         peers = [("server", SERVER_NAME)] + [("client", s) for s in SITES + EXTRA_SITES]
         peers.append(("client", "operator"))
         for type_, peer in peers:
-            info = json.loads(self.hub.hub("genconf", type_, peer, "--json").stdout)
-            conf = self.userdir / f"{peer}.wg.conf"
-            shutil.copy(info["config"], conf)
-            shutil.chown(conf, USER, USER)
-            os.chmod(conf, 0o600)
-            pub = hpcfed_json("vpn", "keygen", "--config", str(conf), "--force")["public_key"]
-            self.hub.hub("add", type_, peer, pub)
-            self.state.tunnel_ips[peer] = info["address"].split("/")[0]
+            self.state.tunnel_ips[peer], _ = DEMO.make_peer(self.hub, type_, peer)
         self.state.save()
 
     # ---------------------------------------------------------------- jobs

@@ -11,6 +11,7 @@ CUDA build), so it is built once per version of its definition file and reused: 
 /var/cache/hpcfed/fedbiomed-<hash of fedbiomed.def>/, and a changed definition builds anew
 (~4 min here with zstd: pip ~3 min, mksquashfs ~1 min).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -377,7 +378,7 @@ def fbm_federation(slurm_cluster, fedbiomed_image):
     os.environ["HPCFED_DEMO_FEDBIOMED_SIF"] = fedbiomed_image
     from demo import fedbiomed as demo
 
-    if demo.STATE_DIR.exists() or demo.demo_root().exists():
+    if demo.STATE_DIR.exists() or demo.DEMO.root.exists():
         demo.FedBiomedFederation().down()
     fed = demo.FedBiomedFederation(demo.State())
     try:
