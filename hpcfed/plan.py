@@ -8,7 +8,6 @@ is serialised to JSON inside the sbatch script and read back by `hpcfed job run`
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -369,11 +368,8 @@ def derive_forwards(
             f"{numbers[0]} through the tunnel; give the server's tunnel address "
             "(`hpcfed hub list` on the hub) or the forwards with -L"
         )
-    try:
-        ip = ipaddress.IPv4Address(server_ip)
-    except ValueError:
-        raise ConfigError(f"--server-ip {server_ip!r}: not an IPv4 tunnel address") from None
-    local = [spec for port in numbers for spec in role.forwards(str(ip), port, bind=bind)[0]]
+    ip = forwards.parse_tunnel_ip(server_ip)
+    local = [spec for port in numbers for spec in role.forwards(ip, port, bind=bind)[0]]
     return tuple(local), ()
 
 

@@ -356,7 +356,8 @@ def test_inputs_are_a_snapshot_in_the_deployments_directory(slurm_cluster, tmp_p
             workdir = Path(pw.pw_dir) / workdir
         copy = workdir / "experiment.py"
         assert copy.read_text() == "print('snapshot-1')\n"
-        assert stat.S_IMODE(copy.stat().st_mode) == 0o644 and copy.stat().st_uid == pw.pw_uid
+        # The user's own, 0600 from the first byte: an input may be something they keep private.
+        assert stat.S_IMODE(copy.stat().st_mode) == 0o600 and copy.stat().st_uid == pw.pw_uid
     finally:
         hpcfed("cancel", name, user=USER)
         shutil.rmtree(own, ignore_errors=True)

@@ -349,3 +349,38 @@ def test_sftp_read_from_a_hung_login_node_times_out(sshd, slurm_cluster):
         for pid in hung:
             os.kill(pid, signal.SIGCONT)
         runner.close()
+
+
+@pytest.mark.timeout(60)
+def test_an_input_copied_over_sftp_is_the_users_own_0600_file(sshd, slurm_cluster):
+    """`submit --input` on an SSH site: the file lands whole, owned by the cluster user, 0600
+    from the first byte, replacing an earlier copy."""
+    import pwd
+    import stat
+    import uuid
+
+    from hpcfed.plan import SchedulerTarget, SshTarget
+    from hpcfed.runner import make_runner
+
+    ssh = SshTarget(
+        host="127.0.0.1",
+        port=sshd["port"],
+        user=slurm_cluster.user,
+        key=str(sshd["dir"] / "client_key"),
+        known_hosts=str(sshd["dir"] / "known_hosts"),
+        accept_unknown_host=True,
+    )
+    pw = pwd.getpwnam(slurm_cluster.user)
+    target = Path(pw.pw_dir) / f"sftp-input-{uuid.uuid4().hex[:6]}" / "experiment.py"
+    runner = make_runner(SchedulerTarget(connect="ssh", ssh=ssh, timeout=10))
+    try:
+        runner.mkdirs(str(target.parent))
+        runner.write_file(str(target), b"print('one')\n")
+        runner.write_file(str(target), b"print('two')\n")
+        assert target.read_bytes() == b"print('two')\n"
+        st = target.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == pw.pw_uid
+        assert [p.name for p in target.parent.iterdir()] == ["experiment.py"]  # no temp left
+    finally:
+        runner.close()
+        shutil.rmtree(target.parent, ignore_errors=True)

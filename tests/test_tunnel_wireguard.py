@@ -951,6 +951,13 @@ def test_doctor_says_whether_the_server_answers_through_the_tunnel(fed, tmp_path
         assert [r["check"] for r in rows] == [f"server {srv2_ip}:50051"], rows
         bad = hpcfed("doctor", "--tunnel-config", probe_conf, "--server-ip", "fl-server", user=CLI)
         assert bad.returncode == 3 and "not an IPv4 tunnel address" in bad.stderr
+        # A config the tunnel could not use is one line naming it, before any tunnel starts.
+        missing = f"{probe_conf}.missing"
+        bad = hpcfed("doctor", "--tunnel-config", missing, "--server-ip", srv2_ip, "--port",
+                     "9443", user=CLI)  # fmt: skip
+        assert bad.returncode == 3 and bad.stderr.strip().splitlines() == [
+            f"hpcfed: error: {missing}: no such tunnel config file"
+        ], bad.stderr
     finally:
         other.stop()
         server2.stop()

@@ -166,7 +166,13 @@ def _reach_ports(role_name, framework, ports):
 @click.option("--server-ip", default=None, help="The server's tunnel address (hpcfed hub list).")
 @click.option("--role", "role_name", default=None, help="The ports this role dials are tried.")
 @click.option("--framework", default=None, help="The role's framework (default: from the role).")
-@click.option("--port", "ports", type=int, multiple=True, help="A server port to try (repeatable).")
+@click.option(
+    "--port",
+    "ports",
+    type=click.IntRange(1, 65535),
+    multiple=True,
+    help="A server port to try (repeatable).",
+)
 @json_option
 def doctor(sites, tunnel_config, server_ip, role_name, framework, ports, as_json):
     """Check that a site works: profile, scheduler, accounting, partitions, GPUs, Apptainer.
@@ -188,12 +194,10 @@ def doctor(sites, tunnel_config, server_ip, role_name, framework, ports, as_json
     if bool(tunnel_config) != bool(server_ip):
         raise ConfigError("--tunnel-config and --server-ip: give both (or neither)")
     if server_ip:
-        import ipaddress
+        from hpcfed.tunnel import config, forwards
 
-        try:
-            ipaddress.IPv4Address(server_ip)
-        except ValueError:
-            raise ConfigError(f"--server-ip {server_ip!r}: not an IPv4 tunnel address") from None
+        forwards.parse_tunnel_ip(server_ip)
+        config.load(tunnel_config)  # the file, its keys and its mode: one line before any tunnel
     reach = _reach_ports(role_name, framework, ports) if server_ip else []
     # Only the tunnel is checked when it is asked for and no site is named.
     names = list(sites) or ([] if server_ip else list(site_names()))

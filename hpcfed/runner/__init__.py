@@ -62,8 +62,8 @@ class Runner(Protocol):
     def mkdirs(self, path: str) -> None: ...
 
     def write_file(self, path: str, data: bytes) -> None:
-        """Replace `path` with `data` whole (a reader sees the old or the new file), mode 0644:
-        for the inputs a job reads, never for secrets."""
+        """Replace `path` with `data` whole (a reader sees the old or the new file), mode 0600
+        from the first byte (the job runs as the same user; an input may be private)."""
         ...
 
     def close(self) -> None: ...

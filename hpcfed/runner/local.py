@@ -54,15 +54,9 @@ class LocalRunner:
         self._path(path).mkdir(parents=True, exist_ok=True)
 
     def write_file(self, path: str, data: bytes) -> None:
-        target = self._path(path)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        from hpcfed.tunnel.files import write_private
+
+        write_private(self._path(path), data)
 
     def close(self) -> None:
         pass

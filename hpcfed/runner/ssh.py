@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import secrets
 import shlex
 import socket
 import sys
@@ -257,12 +258,13 @@ class SshRunner:
             raise NotFound(f"{self.where}: cannot create {path}: {res.stderr.strip()}")
 
     def write_file(self, path: str, data: bytes) -> None:
-        tmp = f"{path}.{os.getpid()}.tmp"
+        tmp = f"{path}.{secrets.token_hex(8)}.tmp"
         sftp = self._sftp_client()
         try:
-            with sftp.open(tmp, "wb") as f:
+            # 0600 before the first byte: an input may be something the user keeps private.
+            with sftp.open(tmp, "wbx") as f:
+                f.chmod(0o600)
                 f.write(data)
-            sftp.chmod(tmp, 0o644)
             sftp.posix_rename(tmp, path)
         except socket.timeout:
             self.close()

@@ -7,8 +7,8 @@ import secrets
 from pathlib import Path
 
 
-def write_private(path: Path | str, text: str) -> None:
-    """Write `text` to `path` as a 0600 file owned by us, replacing it atomically.
+def write_private(path: Path | str, text: str | bytes) -> None:
+    """Write `text` (or bytes) to `path` as a 0600 file owned by us, replacing it atomically.
 
     The temporary file has a random name and is created with O_EXCL|O_NOFOLLOW: in a shared
     (sticky) directory another user may have pre-created any predictable name, or a symlink with
@@ -26,8 +26,8 @@ def write_private(path: Path | str, text: str) -> None:
     else:
         raise FileExistsError(f"{path.parent}: cannot create a unique temporary file")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

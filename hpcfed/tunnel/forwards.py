@@ -63,6 +63,14 @@ def parse_local(spec: str) -> LocalForward:
     )
 
 
+def parse_tunnel_ip(value: str, flag: str = "--server-ip") -> str:
+    """A peer's tunnel address (IPv4, as the hub assigns them), or a one-line ConfigError."""
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigError(f"{flag} {value!r}: not an IPv4 tunnel address") from None
+
+
 def parse_remote(spec: str) -> RemoteForward:
     port, host, hport = _split(spec, "-R", "port=host:port")
     return RemoteForward(_port(port, spec, "-R"), host, _port(hport, spec, "-R"))
