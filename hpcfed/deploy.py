@@ -11,9 +11,8 @@ import uuid
 from collections import defaultdict
 from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Tuple
 
-from pydantic import ValidationError
-
 from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
+from hpcfed.model import ValidationError
 from hpcfed.scheduler import UNKNOWN, JobInfo
 from hpcfed.scheduler.target import SchedulerTarget
 from hpcfed.state import Deployment, DeploymentStore

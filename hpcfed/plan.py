@@ -11,12 +11,11 @@ import hashlib
 import re
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from pydantic import BaseModel, ConfigDict
-
 from hpcfed.container.apptainer import bind_path
 from hpcfed.errors import ConfigError
 from hpcfed.frameworks import LOCAL_BIND, Role, credentials_name, fill_command, local_port_names
 from hpcfed.frameworks.inputs import InputFile
+from hpcfed.model import Model
 from hpcfed.names import check_name
 from hpcfed.profiles.loader import LoadedSite
 from hpcfed.profiles.schema import Preemption as Preemption  # re-exported: the plan's sections
@@ -33,11 +32,7 @@ JOB_NAME_PREFIX = "hpcfed-"
 COMMENT_PREFIX = "hpcfed:"
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Resources(_Frozen):
+class Resources(Model):
     gpus: int
     gpu_type: Optional[str]
     gpu_option: Optional[str]  # the sbatch option in the site's dialect, e.g. --gres=gpu:a40:2
@@ -51,14 +46,14 @@ class Resources(_Frozen):
     reservation: Optional[str]
 
 
-class Container(_Frozen):
+class Container(Model):
     # apptainer.binary, .gpu_flag and .binds of the profile (their defaults are the schema's)
     apptainer: str
     gpu_flag: Optional[str]
     binds: Tuple[str, ...]
 
 
-class Tunnel(_Frozen):
+class Tunnel(Model):
     config: str
     local_forwards: Tuple[str, ...] = ()  # [bind:]port=ip:port
     remote_forwards: Tuple[str, ...] = ()  # port=host:port
@@ -71,7 +66,7 @@ class Tunnel(_Frozen):
     listen_port: Optional[int] = None
 
 
-class _PreflightSwitch(_Frozen):
+class _PreflightSwitch(Model):
     enabled: bool  # the job checks its GPUs before the role starts (it has GPUs)
 
 
@@ -80,7 +75,7 @@ class Preflight(PreflightOptions, _PreflightSwitch):
     """Whether the job runs the GPU preflight check, and the profile's options for it."""
 
 
-class Plan(_Frozen):
+class Plan(Model):
     version: int = PLAN_VERSION
     name: str
     deployment_id: str

@@ -197,7 +197,7 @@ def load_site(
     environ: Optional[Mapping[str, str]] = None,
 ) -> LoadedSite:
     """The merged, validated profile for site `name`; `overrides` are flag values (dotted keys)."""
-    from hpcfed.profiles.schema import SiteProfile  # pydantic is imported only when needed
+    from hpcfed.profiles.schema import SiteProfile  # the schema is built only when needed
 
     layers = _layers_for(name)
     env = env_layer(os.environ if environ is None else environ)
@@ -215,7 +215,7 @@ def load_site(
     merged, provenance = merge(layers)
     try:
         profile = SiteProfile.model_validate(merged)
-    except Exception as exc:  # pydantic.ValidationError
+    except Exception as exc:  # hpcfed.model.ValidationError
         raise ConfigError(_one_line(exc, provenance, [layer.source for layer in layers])) from None
     files = tuple(layer.source for layer in layers if layer.source not in ("environment", "flags"))
     return LoadedSite(name=name, profile=profile, provenance=provenance, files=files)

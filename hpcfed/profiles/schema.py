@@ -1,7 +1,7 @@
 """The site profile schema: every key a profile may have, its type and default.
 
-Validation is pydantic's (extra keys forbidden, strict-ish types); hpcfed.profiles.loader turns
-its errors into one line naming the file and the key path.
+Validation is hpcfed.model's (extra keys forbidden, values taken only as written: strict=True);
+hpcfed.profiles.loader turns its errors into one line naming the file and the key path.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
+from hpcfed.model import Field, Model, field_validator, model_validator
 from hpcfed.profiles.units import parse_duration, parse_memory_mb
 from hpcfed.scheduler.target import SchedulerTarget, SshTarget
 
@@ -53,23 +52,17 @@ def apptainer_bind(value: str) -> str:
         raise ValueError(str(exc)) from None
 
 
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+class _Strict(Model, strict=True):
+    pass
 
 
-class _Strict(BaseModel):
-    model_config = _STRICT
-
-
-class SshSettings(SshTarget):
+class SshSettings(SshTarget, strict=True):
     """scheduler.ssh: the fields and defaults are the plan's (hpcfed.scheduler.target)."""
 
-    model_config = _STRICT
 
-
-class SchedulerSettings(SchedulerTarget):
+class SchedulerSettings(SchedulerTarget, strict=True):
     """scheduler: the fields and defaults are the plan's (hpcfed.scheduler.target)."""
 
-    model_config = _STRICT
     ssh: SshSettings = SshSettings()
 
     @model_validator(mode="after")
@@ -136,11 +129,9 @@ class ApptainerSettings(_Strict):
         return [apptainer_bind(b) for b in v]
 
 
-class _Values(BaseModel):
+class _Values(Model):
     """A section as a plan stores it: the values a job runs with (durations in seconds), checked
     against these fields without the profile's parsing (a stored 90 is 90 s, not 90 min)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class Preemption(_Values):
@@ -152,10 +143,8 @@ class Preemption(_Values):
     grace: int = 20  # seconds the role gets between its graceful stop and KILL
 
 
-class PreemptionSettings(Preemption):
+class PreemptionSettings(Preemption, strict=True):
     """`preemption:` as a profile writes it (durations like `90s`, signal names like SIGUSR2)."""
-
-    model_config = _STRICT
 
     @field_validator("lead_time", "grace", mode="before")
     @classmethod
@@ -181,10 +170,8 @@ class Rejoin(_Values):
     window: int = 6 * 3600
 
 
-class RejoinSettings(Rejoin):
+class RejoinSettings(Rejoin, strict=True):
     """`rejoin:` as a profile writes it (durations like `30m`)."""
-
-    model_config = _STRICT
 
     @field_validator("backoff", "max_backoff", "window", mode="before")
     @classmethod
@@ -199,10 +186,8 @@ class PreflightOptions(_Values):
     min_memory_mib: Optional[int] = Field(default=None, ge=0)
 
 
-class PreflightSettings(PreflightOptions):
+class PreflightSettings(PreflightOptions, strict=True):
     """`preflight:` as a profile writes it."""
-
-    model_config = _STRICT
 
 
 class SiteProfile(_Strict):

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from typing import Dict, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from hpcfed.model import Field, Model
 
 
 # The settings are defined here once: the site profile's `scheduler:` section
 # (hpcfed.profiles.schema.SchedulerSettings) is these models read strictly, with its checks.
-class SshTarget(_Frozen):
+class SshTarget(Model):
     host: Optional[str] = None
     user: Optional[str] = None
     port: int = Field(default=22, ge=1, le=65535)
@@ -27,7 +23,7 @@ class SshTarget(_Frozen):
     accept_unknown_host: bool = False  # never on by default: unknown host keys are refused
 
 
-class SchedulerTarget(_Frozen):
+class SchedulerTarget(Model):
     backend: Literal["slurm-cli", "pyslurm"] = "slurm-cli"
     connect: Literal["local", "ssh"] = "local"
     ssh: SshTarget = SshTarget()

@@ -187,7 +187,7 @@ def run_plan(plan_path: str) -> int:
     path = Path(plan_path).resolve()
     try:
         plan = Plan.from_json(path.read_text())
-    except ValueError as exc:  # pydantic's ValidationError is one: a plan from another version
+    except ValueError as exc:  # hpcfed.model's ValidationError is one: a plan from another version
         errors = exc.errors() if hasattr(exc, "errors") else []
         why = (
             f"{'.'.join(str(x) for x in errors[0]['loc'])}: {errors[0]['msg']}"
