@@ -34,6 +34,11 @@ def state_dir() -> Path:
     return _xdg("XDG_STATE_HOME", ".local/state") / "hpcfed"
 
 
+def cache_dir() -> Path:
+    """What can be rebuilt at any time (compiled sbatch templates)."""
+    return _xdg("XDG_CACHE_HOME", ".cache") / "hpcfed"
+
+
 def user_sites_dir() -> Path:
     return config_dir() / "sites"
 

@@ -22,12 +22,36 @@ def _opt(value) -> str:
     return text
 
 
+def _bytecode_cache():
+    """Compiled templates kept in the user's cache (0700: it holds code that will run).
+
+    Compiling the template was ~10 ms of every submit (issue 17); jinja2 keys each entry by the
+    template's source checksum and its own and Python's versions, so a changed template or an
+    upgrade recompiles. A cache never fails a render: without a usable directory (read-only
+    home, a file in the way) each submit compiles.
+    """
+    import jinja2
+
+    class Cache(jinja2.FileSystemBytecodeCache):
+        def dump_bytecode(self, bucket) -> None:
+            try:
+                super().dump_bytecode(bucket)
+            except OSError:
+                pass
+
+    try:
+        return Cache(str(paths.private_mkdir(paths.cache_dir() / "jinja2")))
+    except OSError:
+        return None
+
+
 @lru_cache(maxsize=1)
 def _environment():
     import jinja2
 
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(paths.sbatch_templates_dir())),
+        bytecode_cache=_bytecode_cache(),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
         trim_blocks=True,

@@ -139,3 +139,27 @@ def test_render_is_strict_about_undefined_variables(tmp_path, monkeypatch):
             render(make("local-client-typed-gres"))
     finally:
         render_mod._environment.cache_clear()
+
+
+def test_compiled_template_is_cached_privately_and_a_cache_never_fails_a_render(
+    tmp_path, monkeypatch
+):
+    from hpcfed import render as render_module
+
+    plan = make("local-server-no-gpu")
+    expected = render(plan)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    render_module._environment.cache_clear()
+    assert render(plan) == expected
+    compiled = list((cache / "hpcfed" / "jinja2").iterdir())
+    assert len(compiled) == 1 and compiled[0].name.endswith(".cache")
+    assert (cache / "hpcfed" / "jinja2").stat().st_mode & 0o777 == 0o700
+    render_module._environment.cache_clear()  # a new process: loads what the last one compiled
+    assert render(plan) == expected
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # no directory can be made there
+    render_module._environment.cache_clear()
+    assert render(plan) == expected
+    render_module._environment.cache_clear()

@@ -15,9 +15,8 @@ from functools import cache
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-import yaml
-
 from hpcfed.errors import ConfigError, ExitCode
+from hpcfed.yamlfile import safe_load
 
 TABLE = Path(__file__).with_name("roles.yaml")
 DEFAULT_TEMPLATE = "job.sbatch.j2"
@@ -196,16 +195,15 @@ def _failure(fw: str, role: str, f: dict) -> Failure:
 
 @cache
 def table() -> Dict[str, Dict[str, Role]]:
-    data = yaml.safe_load(TABLE.read_text()) or {}
     return {
         fw: {name: _role(fw, spec, name, r) for name, r in (spec.get("roles") or {}).items()}
-        for fw, spec in data.items()
+        for fw, spec in _framework_specs().items()
     }
 
 
 @cache
 def _framework_specs() -> Dict[str, dict]:
-    return yaml.safe_load(TABLE.read_text()) or {}
+    return safe_load(TABLE.read_text()) or {}
 
 
 def one_image(framework: str) -> bool:

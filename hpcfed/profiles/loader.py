@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
 
-import yaml
-
 from hpcfed import paths
 from hpcfed.errors import ConfigError, NotFound
 from hpcfed.names import check_name
+from hpcfed.yamlfile import YamlError, safe_load
 
 if TYPE_CHECKING:
     from hpcfed.profiles.schema import SiteProfile
@@ -87,14 +86,10 @@ def read_yaml(path: Path) -> Dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = f":{mark.line + 1}" if mark else ""
-        problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: YAML error: {exc}") from None
+        data = safe_load(text)
+    except YamlError as exc:
+        line = f":{exc.line}" if exc.line else ""
+        raise ConfigError(f"{path}{line}: {exc.problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -115,8 +110,8 @@ def env_layer(environ: Mapping[str, str]) -> Optional[Layer]:
         if keys[:2] == ["scheduler", "env"]:  # variable names keep their case
             keys = keys[:2] + raw_keys[2:]
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = safe_load(raw) if raw.strip() else None
+        except YamlError:
             value = raw
         node = data
         for k in keys[:-1]:
