@@ -27,6 +27,24 @@ def _rotate(path: str) -> None:
     os.replace(path, f"{path}.1")
 
 
+def _append_log(path: str, rows: list, unknown: int) -> None:
+    """One line per deployment that needed something, then the pass: time, login node (cron may
+    run on several that share the home directory and this log), counts."""
+    _rotate(path)
+    head = f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')} {os.uname().nodename}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as f:
+        for r in rows:
+            if r["action"] not in ("ok", "stopped", "ended"):
+                job = r["new_job_id"] or r["job_id"] or ""
+                f.write(f"{head} {r['name']} {r['action']} {job} {r['detail']}\n")
+        resubmitted = sum(r["action"] == "resubmitted" for r in rows)
+        f.write(
+            f"{head} rejoin pass: {len(rows)} deployments, {resubmitted} resubmitted, "
+            f"{unknown} unknown\n"
+        )
+
+
 @click.command()
 @click.option("--dry-run", is_flag=True, help="Say what would be resubmitted; submit nothing.")
 @click.option(
@@ -71,19 +89,7 @@ def rejoin(dry_run, log_file, as_json):
 
     emit({"dry_run": dry_run, "deployments": rows}, as_json, human)
     if log_file:
-        _rotate(log_file)
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        with os.fdopen(fd, "a") as f:
-            for r in rows:
-                if r["action"] not in ("ok", "stopped", "ended"):
-                    f.write(
-                        f"{stamp} {r['name']} {r['action']} {r['new_job_id'] or r['job_id'] or ''} {r['detail']}\n"
-                    )
-            f.write(
-                f"{stamp} rejoin pass: {len(rows)} deployments, "
-                f"{sum(r['action'] == 'resubmitted' for r in rows)} resubmitted, {len(unknown)} unknown\n"
-            )
+        _append_log(log_file, rows, len(unknown))
     if unknown:
         raise SchedulerUnavailable(
             f"scheduler unreachable for {', '.join(o.name for o in unknown)}: nothing resubmitted for them"
