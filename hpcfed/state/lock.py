@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import threading
 import time
 import uuid
@@ -29,6 +28,12 @@ GUARD_LEASE = 30.0  # a stale-lock breaker holds its guard for milliseconds
 RENEWALS_PER_LEASE = 4  # the holder touches its lock this often per lease: one missed is fine
 
 
+def this_host() -> str:
+    """This machine's name, as lock owners and temp files record it (socket.gethostname()'s
+    value, without importing socket on every command)."""
+    return os.uname().nodename
+
+
 @contextlib.contextmanager
 def lease_lock(
     path: Path, lease: float = 60.0, wait: float = 30.0, poll: float = 0.05
@@ -38,13 +43,13 @@ def lease_lock(
     `lease`: how long after this process stops renewing (crash) others may break the lock.
     Yields the holder token written in the lock file.
     """
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+    token = f"{this_host()}:{os.getpid()}:{uuid.uuid4().hex}"
     content = json.dumps(
         {
             "holder": token,
             "since": time.time(),
             "lease": lease,
-            "host": socket.gethostname(),
+            "host": this_host(),
             "pid": os.getpid(),
         }
     )
@@ -132,7 +137,7 @@ def _holder(path: Path, default_lease: float) -> Optional[tuple[float, float]]:
 def _dead_here(host: object, pid: object) -> bool:
     """True when `pid` on `host` is this machine's and no process has it any more. Anything
     unsure (another machine, a process of another user, a reused pid) counts as alive."""
-    if host != socket.gethostname() or not isinstance(pid, int) or pid <= 0:
+    if host != this_host() or not isinstance(pid, int) or pid <= 0:
         return False
     try:
         os.kill(pid, 0)

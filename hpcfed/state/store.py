@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 import uuid
@@ -15,7 +14,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional
 from hpcfed import paths
 from hpcfed.errors import ConfigError, NotFound
 from hpcfed.names import check_name
-from hpcfed.state.lock import lease_lock
+from hpcfed.state.lock import lease_lock, this_host
 
 # The record layout's version, written into every record. A record of an older version is
 # migrated when read (MIGRATIONS); one of a newer version is refused, that record alone.
@@ -211,7 +210,7 @@ class DeploymentStore:
     def put(self, dep: Deployment) -> None:
         """Write atomically: unique temp file in the same directory, fsync, rename."""
         self._ensure()
-        tmp = self.root / f".{dep.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        tmp = self.root / f".{dep.name}.{this_host()}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
         fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         try:
             with os.fdopen(fd, "w") as f:
