@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -69,11 +70,16 @@ def user_dirs():
 @pytest.mark.timeout(120)
 def test_the_crontab_entry_runs_rejoin_on_the_users_deployments(user_dirs):
     pw, env = user_dirs
+    # The installing shell's PATH goes into the entry (cron's is /usr/bin:/bin; the jobs rejoin
+    # submits take the submitter's PATH): here with a site directory that has a space in it.
+    path = f"/opt/site tools/bin:{os.environ['PATH']}"
+    env = dict(env, PATH=path)
     proc = run(HPCFED + ["cron", "install", "--crontab", "--every", "10m"], env=env, user=OTHER)
     assert proc.returncode == 0, proc.stderr
     table = run(["crontab", "-l"], user=OTHER).stdout
     lines = [line for line in table.splitlines() if "rejoin --log-file" in line]
     assert len(lines) == 1, table
+    assert f" PATH={shlex.quote(path)} " in lines[0], lines[0]
     # Run the entry as cron would: its command, through sh, with cron's minimal environment.
     cron_env = ["env", "-i", f"HOME={pw.pw_dir}", f"LOGNAME={OTHER}", "SHELL=/bin/sh",
                 "PATH=/usr/bin:/bin"]  # fmt: skip

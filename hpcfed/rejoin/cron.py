@@ -45,14 +45,19 @@ def hpcfed_argv() -> List[str]:
     return hpcfed_command()
 
 
-# The directories hpcfed keeps its files in: cron starts the entry with almost no environment,
-# so without them rejoin would look for the user's deployments in the default places.
-def xdg_bases() -> List[Tuple[str, str]]:
-    """(variable, absolute directory) of each XDG base this invocation resolves."""
+# What the entry must carry, because cron starts it with almost no environment: the directories
+# hpcfed keeps its files in (else rejoin would look for the user's deployments in the default
+# places), and the installing shell's PATH. Cron's PATH is /usr/bin:/bin: on clusters sbatch is
+# often elsewhere, and a job takes the PATH of whoever submits it (--export), so a role that
+# rejoin resubmitted from cron could not find apptainer in /usr/local/bin (seen on the Docker
+# cluster: the client exited "No such file or directory: 'apptainer'").
+def entry_environment() -> List[Tuple[str, str]]:
+    """(variable, value) the entry sets: each XDG base this invocation resolves, and PATH."""
     return [
         ("XDG_CONFIG_HOME", os.path.abspath(paths.config_dir().parent)),
         ("XDG_DATA_HOME", os.path.abspath(paths.data_dir().parent)),
         ("XDG_STATE_HOME", os.path.abspath(paths.state_dir().parent)),
+        ("PATH", os.environ.get("PATH") or os.defpath),
     ]
 
 
@@ -75,7 +80,7 @@ def _word(kind: str, text: str) -> str:
 
 def block(kind: str, every: str, log_file: str, scron_options: List[str]) -> List[str]:
     argv = hpcfed_argv() + ["rejoin", "--log-file", log_file]
-    env = [f"{var}={_word(kind, value)}" for var, value in xdg_bases()]
+    env = [f"{var}={_word(kind, value)}" for var, value in entry_environment()]
     cmd = " ".join(env + [_word(kind, a) for a in argv])
     lines = [MARK]
     if kind == "scrontab":
