@@ -246,13 +246,17 @@ def _submit_roles(fed: DockerFederation, tag: str) -> None:
     )  # fmt: skip
     fed.deployments[SERVER] = server
     for site in SITES:
-        name = f"fed-{site}-{tag}"
-        fed.hpcfed(
-            "submit", "client", "--site", site, "--name", name, "--gpus", "1",
-            "--image", fed.images["client"], "--tunnel-config", f"{fed.base}/{site}.conf",
-            "--server-ip", fed.tunnel_ips[SERVER],
-        )  # fmt: skip
-        fed.deployments[site] = name
+        submit_client(fed, site, f"fed-{site}-{tag}")
+
+
+def submit_client(fed: DockerFederation, site: str, name: str) -> None:
+    """A client role of `site` (its own image, tunnel and profile), dialling the server."""
+    fed.hpcfed(
+        "submit", "client", "--site", site, "--name", name, "--gpus", "1",
+        "--image", fed.images["client"], "--tunnel-config", f"{fed.base}/{site}.conf",
+        "--server-ip", fed.tunnel_ips[SERVER],
+    )  # fmt: skip
+    fed.deployments[site] = name
 
 
 def _all_running(fed: DockerFederation):
@@ -261,11 +265,9 @@ def _all_running(fed: DockerFederation):
     return all(d["job_state"] == "RUNNING" for d in deps) and [d["node"] for d in deps]
 
 
-@pytest.fixture(scope="module")
-def docker_federation(docker_lab, slurm_cluster):
-    for tool in ("apptainer", "docker"):
-        need(shutil.which(tool) is not None, f"{tool} is not installed (scripts/bootstrap)")
-    lab = docker_lab
+def start_federation(lab) -> DockerFederation:
+    """The dashboard, kits, tunnels, jobs and the three roles running on three compute nodes
+    (also what benchmarks/bench_docker_cluster.py measures node loss with)."""
     images = _copy_images(lab, _nvflare_images())
     tag = uuid.uuid4().hex[:6]
     env = lab.state_env()
@@ -280,48 +282,84 @@ def docker_federation(docker_lab, slurm_cluster):
         _submit_roles(fed, tag)
         nodes = wait_for("the server and both clients running", lambda: _all_running(fed), 240, 2)
         assert len(set(nodes)) == 3, nodes  # three hosts: nothing shared but the hub
+    except BaseException:
+        stop_federation(fed)
+        raise
+    return fed
+
+
+def stop_federation(fed: DockerFederation) -> None:
+    for site in fed.deployments:
+        print(f"----- hpcfed logs {fed.deployments[site]}")
+        print(fed.logs(site)[-4000:])
+        fed.hpcfed("cancel", fed.deployments[site], check=False)
+    fed.dashboard.stop()
+
+
+@pytest.fixture(scope="module")
+def docker_federation(docker_lab, slurm_cluster):
+    for tool in ("apptainer", "docker"):
+        need(shutil.which(tool) is not None, f"{tool} is not installed (scripts/bootstrap)")
+    fed = start_federation(docker_lab)
+    try:
         yield fed
     finally:
-        for site in fed.deployments:
-            print(f"----- hpcfed logs {fed.deployments[site]}")
-            print(fed.logs(site)[-4000:])
-            fed.hpcfed("cancel", fed.deployments[site], check=False)
-        fed.dashboard.stop()
+        stop_federation(fed)
 
 
 def _round_started(fed: DockerFederation, n: int) -> bool:
     return f"Round {n} started" in fed.logs(SERVER)
 
 
+def _rejoin_log(fed: DockerFederation) -> list:
+    log = f"{fed.env['XDG_STATE_HOME']}/hpcfed/rejoin.log"
+    return fed.lab.sh("login2", f"cat {log} 2>/dev/null", user=fed.lab.user).stdout.splitlines()
+
+
 # The first test also builds the NVFlare images on a fresh machine (the fixture).
 @pytest.mark.timeout(2400)
-def test_node_loss_mid_training_rejoin_brings_the_client_back(docker_federation):
+def test_node_loss_mid_training_cron_rejoin_brings_the_client_back(docker_federation):
+    """A client's node dies mid-training. Nobody runs anything by hand: `hpcfed cron install`
+    on both login nodes (their own cron daemons, every minute, the shared home's state) finds
+    the job NODE_FAIL and resubmits it once - one login node does, the other finds it done -
+    on another node; the client is a full member again for the next training job."""
     fed, lab = docker_federation, docker_federation.lab
     victim = "hospital-b"
     before = fed.status(victim)
     lost = before["node"]
+    for host in ("login1", "login2"):
+        fed.hpcfed("cron", "install", "--crontab", "--every", "1m", host=host)
     result: dict = {}
     trainer = threading.Thread(target=lambda: result.update(fed.train("long", timeout=600)))
     trainer.start()
     wait_for("the second round", lambda: _round_started(fed, 1), 240, 2)
     subprocess.run(["docker", "kill", lab.spec.container(lost)], check=True, capture_output=True)
     try:
-        # Slurm notices after SlurmdTimeout and ends the job NODE_FAIL (no requeue for it).
-        dep = wait_for(
-            "NODE_FAIL", lambda: (d := fed.status(victim, "login2"))["job_state"] == "NODE_FAIL" and d,
-            240, 3,
-        )  # fmt: skip
-        assert dep["job_id"] == before["job_id"]
-        proc = fed.hpcfed("rejoin", "--json", host="login2")
-        actions = {d["name"]: d["action"] for d in json.loads(proc.stdout)["deployments"]}
-        assert actions[fed.deployments[victim]] == "resubmitted", actions
-        assert {a for n, a in actions.items() if n != fed.deployments[victim]} == {"ok"}, actions
+        # Slurm notices after SlurmdTimeout and ends the job NODE_FAIL (no requeue for it);
+        # cron's next minute resubmits it.
         back = wait_for(
-            "the client running again",
-            lambda: (d := fed.status(victim))["job_state"] == "RUNNING" and d,
-            180, 2,
+            "cron's rejoin to bring the client back",
+            lambda: (d := fed.status(victim))["job_id"] != before["job_id"]
+            and d["job_state"] == "RUNNING" and d,
+            420, 3,
         )  # fmt: skip
-        assert back["job_id"] != before["job_id"] and back["node"] != lost, back
+        assert back["node"] != lost, back
+        dep = fed.deployments[victim]
+        resubmitted = [x for x in _rejoin_log(fed) if f" {dep} resubmitted " in x]
+        assert len(resubmitted) == 1, resubmitted
+        # "<time> <login node> <name> resubmitted <new job> job <old job> NODE_FAIL"
+        assert f" {back['job_id']} job {before['job_id']} NODE_FAIL" in resubmitted[0], resubmitted
+        minute = resubmitted[0][:16]  # cron ran both login nodes' entries in this minute
+        wait_for(
+            "both login nodes' rejoin passes of that minute",
+            lambda: {x.split()[1] for x in _rejoin_log(fed)
+                     if x[:16] >= minute and "rejoin pass" in x} >= {"login1", "login2"},
+            90, 2,
+        )  # fmt: skip
+        log = _rejoin_log(fed)
+        assert sum(f" {dep} resubmitted " in x for x in log) == 1, log
+        others = [x for x in log if " resubmitted " in x and f" {dep} " not in x]
+        assert not others, log
         trainer.join(timeout=700)
         assert not trainer.is_alive(), "the training job did not end"
         # The training went on with the other client while one was lost.
@@ -336,6 +374,8 @@ def test_node_loss_mid_training_rejoin_brings_the_client_back(docker_federation)
         for site in SITES:  # both clients exchanged the training's data through the hub
             assert after[site][0] - traffic[site][0] > 20_000, (site, traffic, after)
     finally:
+        for host in ("login1", "login2"):
+            fed.hpcfed("cron", "remove", host=host, check=False)
         subprocess.run(["docker", "start", lab.spec.container(lost)], capture_output=True)
         lab.cluster.wait_ready([lost])
         lab.cluster.wait_nodes_idle()  # the lost node answers again: back in service
@@ -356,7 +396,7 @@ def test_hub_restart_every_tunnel_recovers_without_resubmission(docker_federatio
 
 @pytest.mark.timeout(900)
 def test_controller_stop_and_network_cut_mid_training_nothing_resubmitted(docker_federation):
-    """The controller stopped and a client's node cut off the hub, both for 40 s in the middle
+    """The controller stopped and a client's node cut off the hub, both for 60 s in the middle
     of training: the roles keep running (the controller is not in the data path; the tunnel
     and NVFlare's connections ride out the cut), status says UNKNOWN meanwhile - never gone -,
     rejoin resubmits nothing, and the next job trains with both clients again."""
@@ -375,7 +415,7 @@ def test_controller_stop_and_network_cut_mid_training_nothing_resubmitted(docker
         time.sleep(5)
         unknown = fed.hpcfed("status", fed.deployments[victim], "--json", check=False)
         assert json.loads(unknown.stdout)["deployments"][0]["job_state"] == "UNKNOWN", unknown
-        time.sleep(35)
+        time.sleep(55)
     finally:
         subprocess.run(
             ["docker", "network", "connect", "--ip", lab.spec.internet_ip(node), net,
