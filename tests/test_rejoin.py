@@ -93,6 +93,20 @@ def test_backoff_doubles_and_the_cap_holds():
     assert decide(old, JobInfo("0", "TIMEOUT"), t)[0] == "resubmit"  # outside the window
 
 
+def test_the_users_own_submit_starts_the_count_again():
+    """After rejoin gave up (or backed off), `hpcfed submit` - what its message says to do -
+    starts afresh: the next loss is resubmitted at once, not given up on."""
+    t = time.time()
+    s = lambda dt: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t - dt))  # noqa: E731
+    rejoins = [{"job_id": str(i), "submitted_at": s(900 - i), "by": "rejoin"} for i in range(3)]
+    assert decide(dep(rejoins), JobInfo("2", "NODE_FAIL"), t)[0] == "gave-up"
+    restarted = dep(rejoins + [{"job_id": "3", "submitted_at": s(20), "by": "submit"}])
+    assert decide(restarted, JobInfo("3", "NODE_FAIL"), t)[0] == "resubmit"
+    again = dep(rejoins + [{"job_id": "3", "submitted_at": s(60), "by": "submit"},
+                           {"job_id": "4", "submitted_at": s(10), "by": "rejoin"}])  # fmt: skip
+    assert decide(again, JobInfo("4", "NODE_FAIL"), t)[1].endswith("(backoff 30s)")
+
+
 def test_cron_block_is_replaced_not_duplicated():
     other = "5 * * * * echo mine\n"
     first = c.strip(other) + c.block("scrontab", "10m", "/x/rejoin.log", ["--partition=debug"])

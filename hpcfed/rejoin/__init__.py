@@ -42,8 +42,16 @@ class Outcome:
 
 
 def recent_resubmits(dep: Deployment, window: int, now: float) -> List[float]:
-    """Times of rejoin's resubmissions of `dep` within the last `window` seconds, oldest first."""
-    times = [epoch(j.get("submitted_at", "")) for j in dep.jobs if j.get("by") == "rejoin"]
+    """Times of rejoin's resubmissions of `dep` within the last `window` seconds, oldest first,
+    counted from the user's latest own submit: `hpcfed submit` is what the gave-up message tells
+    them to do, and it starts the count again (it used to keep the old ones, so after a restart
+    the next loss was given up on, or waited out a backoff, at once)."""
+    times: List[float] = []
+    for job in dep.jobs:
+        if job.get("by") == "rejoin":
+            times.append(epoch(job.get("submitted_at", "")))
+        else:
+            times = []
     return sorted(t for t in times if now - t < window)
 
 
