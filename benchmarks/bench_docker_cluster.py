@@ -11,6 +11,12 @@ Writes benchmarks/results/docker_cluster.md. Leaves the cluster down at the end.
   container is killed; `hpcfed rejoin` runs every 5 s from login1 (as a frequent cron would);
   measured: kill → the replacement job RUNNING on another node. Slurm's SlurmdTimeout (20 s
   here) is most of it.
+- node loss in the NVFlare federation (tests/test_docker_federation.py's: dashboard, kits,
+  tunnels through the hub, the server on node1, two clients on the other two nodes): a client's
+  node is killed; `hpcfed rejoin` every 5 s from login1; measured: kill → the client's new job
+  RUNNING on another node and the server logging that client as joined again (NVFlare's
+  "New client NAME@"). Between runs the lost node is started again and, if both clients then
+  share a node, one is moved back (cancel and submit again: Slurm's LLN picks the idle node).
 - network cut: an echo server on node1 and a client on node2 through hpcfed's userspace tunnel
   (liveness 10 s), node2 disconnected from the "internet" network for CUT seconds; measured:
   reconnect → the first echo through the tunnel again.
@@ -104,6 +110,55 @@ def bench_node_loss(lab: DockerLab, runs: int) -> list:
     return [_one_node_loss(lab) for _ in range(runs)]
 
 
+def bench_federation_node_loss(lab: DockerLab, runs: int) -> list:
+    import test_docker_federation as tf
+
+    _cli("testcluster", "up", "--json")  # the native cluster's user builds the NVFlare images
+    fed = tf.start_federation(lab)
+    try:
+        return [_one_federation_node_loss(tf, fed) for _ in range(runs)]
+    finally:
+        tf.stop_federation(fed)
+
+
+def _one_federation_node_loss(tf, fed) -> float:
+    lab = fed.lab
+    _one_client_per_node(tf, fed)
+    victim = sorted(tf.SITES)[-1]
+    before = fed.status(victim)
+    mark = f"New client {victim}@"
+    joined = fed.logs(tf.SERVER).count(mark)
+    t0 = time.monotonic()
+    subprocess.run(["docker", "kill", lab.spec.container(before["node"])], check=True)
+
+    def back() -> bool:
+        fed.hpcfed("rejoin", host="login1", check=False)  # exit 4 while Slurm cannot tell
+        d = fed.status(victim)
+        if d["job_id"] == before["job_id"] or d["job_state"] != "RUNNING":
+            return False
+        return fed.logs(tf.SERVER).count(mark) > joined
+
+    _until(back, 600, 5)
+    took = time.monotonic() - t0
+    subprocess.run(["docker", "start", lab.spec.container(before["node"])], check=True)
+    lab.cluster.wait_ready([before["node"]])
+    lab.cluster.wait_nodes_idle()
+    return took
+
+
+def _one_client_per_node(tf, fed) -> None:
+    """After a loss both clients may run on the one node left: move one back, and wait until
+    the server has both."""
+    nodes = {site: fed.status(site)["node"] for site in tf.SITES}
+    if len(set(nodes.values())) < len(nodes):
+        site = sorted(tf.SITES)[-1]
+        joined = fed.logs(tf.SERVER).count(f"New client {site}@")
+        fed.hpcfed("cancel", fed.deployments[site])
+        tf.submit_client(fed, site, fed.deployments[site])
+        _until(lambda: fed.logs(tf.SERVER).count(f"New client {site}@") > joined, 300, 3)
+    _until(lambda: tf._all_running(fed), 300, 3)
+
+
 def bench_network_cut(lab: DockerLab, runs: int, cut: float) -> list:
     tag = uuid.uuid4().hex[:6]
     home = f"/home/{lab.user}/.t/bench-{tag}"
@@ -158,6 +213,7 @@ def main() -> None:
     lab = DockerLab(DockerCluster(DockerClusterSpec(slurm=args.slurm)), {})
     loss = bench_node_loss(lab, args.runs)
     cut = bench_network_cut(lab, args.runs, args.cut)
+    fed_loss = bench_federation_node_loss(lab, args.runs)
     _cli("testcluster", "down", "--engine", "docker", "--slurm", args.slurm)
     out = ROOT / "benchmarks" / "results" / "docker_cluster.md"
     out.write_text(
@@ -170,6 +226,11 @@ def main() -> None:
         + row("node killed → replacement job RUNNING elsewhere (rejoin every 5 s)", loss)
         + "\n"
         + row(f"network cut {args.cut:.0f} s → reconnect → echo through the tunnel", cut)
+        + "\n"
+        + row(
+            "NVFlare client's node killed → client back in the federation (rejoin every 5 s)",
+            fed_loss,
+        )
         + "\n"
     )
     print(out.read_text())
