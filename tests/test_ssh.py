@@ -302,6 +302,20 @@ def test_accept_unknown_host_never_rewrites_the_users_known_hosts(sshd, slurm_cl
     assert "accepted the unknown host key" in proc.stderr or len(lines) == 1
 
 
+def _ssh_target(sshd, slurm_cluster, **extra):
+    """The test sshd as a plan's scheduler.ssh: the cluster user, its key, the pinned host key."""
+    from hpcfed.plan import SshTarget
+
+    return SshTarget(
+        host="127.0.0.1",
+        port=sshd["port"],
+        user=slurm_cluster.user,
+        key=str(sshd["dir"] / "client_key"),
+        known_hosts=str(sshd["dir"] / "known_hosts"),
+        **extra,
+    )
+
+
 def _descendants(pid: int) -> list:
     children = {}
     for entry in os.listdir("/proc"):
@@ -325,16 +339,10 @@ def test_sftp_read_from_a_hung_login_node_times_out(sshd, slurm_cluster):
     import signal
 
     from hpcfed.errors import SchedulerUnavailable
-    from hpcfed.plan import SchedulerTarget, SshTarget
+    from hpcfed.plan import SchedulerTarget
     from hpcfed.runner import make_runner
 
-    ssh = SshTarget(
-        host="127.0.0.1",
-        port=sshd["port"],
-        user=slurm_cluster.user,
-        key=str(sshd["dir"] / "client_key"),
-        known_hosts=str(sshd["dir"] / "known_hosts"),
-    )
+    ssh = _ssh_target(sshd, slurm_cluster)
     # scheduler.timeout bounds every SFTP request too (before: no timeout, the read hung)
     runner = make_runner(SchedulerTarget(connect="ssh", ssh=ssh, timeout=2))
     assert runner.read_file("/etc/hostname")  # the SFTP session is open
@@ -359,17 +367,10 @@ def test_an_input_copied_over_sftp_is_the_users_own_0600_file(sshd, slurm_cluste
     import stat
     import uuid
 
-    from hpcfed.plan import SchedulerTarget, SshTarget
+    from hpcfed.plan import SchedulerTarget
     from hpcfed.runner import make_runner
 
-    ssh = SshTarget(
-        host="127.0.0.1",
-        port=sshd["port"],
-        user=slurm_cluster.user,
-        key=str(sshd["dir"] / "client_key"),
-        known_hosts=str(sshd["dir"] / "known_hosts"),
-        accept_unknown_host=True,
-    )
+    ssh = _ssh_target(sshd, slurm_cluster, accept_unknown_host=True)
     pw = pwd.getpwnam(slurm_cluster.user)
     target = Path(pw.pw_dir) / f"sftp-input-{uuid.uuid4().hex[:6]}" / "experiment.py"
     runner = make_runner(SchedulerTarget(connect="ssh", ssh=ssh, timeout=10))
