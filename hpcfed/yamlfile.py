@@ -70,11 +70,9 @@ def _write(key: str, data: Any) -> None:
         text = json.dumps(data)
         if json.loads(text) != data:  # JSON would change it (e.g. int keys): parse it each time
             return
+        from hpcfed.tunnel.files import write_private  # on a miss only: it imports secrets
+
         directory = paths.private_mkdir(paths.cache_dir() / "yaml")
-        tmp = directory / f".{key}.{os.urandom(6).hex()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, directory / f"{key}.json")
+        write_private(directory / f"{key}.json", text)
     except (OSError, TypeError, ValueError):
         pass
