@@ -9,13 +9,14 @@ from __future__ import annotations
 import getpass
 import uuid
 from collections import defaultdict
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
 
 from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
 from hpcfed.model import ValidationError
 from hpcfed.scheduler import UNKNOWN, JobInfo
 from hpcfed.scheduler.target import SchedulerTarget
 from hpcfed.state import Deployment, DeploymentStore
+from hpcfed.state.lock import LockBusy
 
 if TYPE_CHECKING:  # the plan's models load only where a whole plan is read
     from hpcfed.plan import Plan
@@ -181,14 +182,21 @@ def settle_pending(store: DeploymentStore, dep: Deployment, scheduler) -> Option
     return dep
 
 
-def settle_all_pending(
-    store: DeploymentStore, deps: List[Deployment]
-) -> Tuple[List[Deployment], List[str]]:
+class Settled(NamedTuple):
+    """settle_all_pending's answer."""
+
+    deployments: List[Deployment]
+    unanswered: List[str]  # why the scheduler could not settle some
+    busy: Set[str]  # names whose lock a live hpcfed holds: their submit is still running
+
+
+def settle_all_pending(store: DeploymentStore, deps: List[Deployment]) -> Settled:
     """Settle every deployment left with an intent (see settle_pending) before it is looked at.
-    One that is locked (its submit may still be running) or whose scheduler does not answer is
-    left as it is. Returns (deployments, why the scheduler could not settle some)."""
+    One that is locked (its submit may still be running: busy, not interrupted) or whose
+    scheduler does not answer is left as it is."""
     out = []
     unanswered: List[str] = []
+    busy: Set[str] = set()
     for dep in deps:
         settled: Optional[Deployment] = dep
         if dep.pending:
@@ -203,14 +211,17 @@ def settle_all_pending(
                             settled = settle_pending(store, settled, scheduler)
                         finally:
                             runner.close()
+            except LockBusy:
+                settled = dep
+                busy.add(dep.name)
             except SchedulerUnavailable as exc:
                 settled = dep
                 unanswered.append(str(exc))
             except (HpcfedError, ValidationError):
-                settled = dep  # busy (its own submit may still be running), or unreadable
+                settled = dep  # unreadable: reported by whoever reads it next
         if settled is not None:
             out.append(settled)
-    return out, unanswered
+    return Settled(out, unanswered, busy)
 
 
 def upload_inputs(plan: Plan, runner, progress=lambda m: None) -> None:

@@ -253,6 +253,58 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
     assert as_user(slurm_cluster, user_state, "cancel", name).returncode == 0
 
 
+@pytest.fixture()
+def slow_sbatch():
+    """A PATH entry whose `sbatch` waits 8 s, then submits for real: a busy slurmctld, which
+    holds one rejoin between its recorded intent and its record."""
+    d = Path(tempfile.mkdtemp(prefix="hpcfed-slowbin-"))  # the cluster user must reach it
+    d.chmod(0o755)
+    (d / "sbatch").write_text(f'#!/bin/sh\nsleep 8\nexec {shutil.which("sbatch")} "$@"\n')
+    (d / "sbatch").chmod(0o755)
+    yield f"{d}:{os.environ['PATH']}"
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.timeout(180)
+def test_a_rejoin_meeting_another_ones_submit_in_progress_is_busy_not_unknown(
+    slurm_cluster, user_state, slow_sbatch
+):
+    """Seen in a fresh-machine run of the twenty concurrent rejoins: one read the record while
+    another was inside its sbatch (intent recorded, lock held), called that submit interrupted,
+    and exited 4 ("scheduler unreachable"); a cron pass would have mailed an error. It is busy:
+    exit 0, nothing submitted by it; the holder's one resubmission stands."""
+    name, job_id = submit_sleeper(slurm_cluster, user_state)
+    admin_cancel(job_id)
+    env = dict(os.environ, **user_env(slurm_cluster.user))
+    env.update(user_state)
+    first = subprocess.Popen(
+        ["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
+        env=dict(env, PATH=slow_sbatch),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+        deadline = time.monotonic() + 60
+        while not json.loads(record.read_text()).get("pending"):
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.2)
+        proc = as_user(slurm_cluster, user_state, "rejoin", "--json")
+        assert proc.returncode == 0, proc.stderr
+        (row,) = json.loads(proc.stdout)["deployments"]
+        assert (row["action"], row["detail"]) == ("busy", "another hpcfed is handling it right now")
+    finally:
+        out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    (row,) = json.loads(out)["deployments"]
+    assert row["action"] == "resubmitted", row
+    new_jobs = our_active_jobs(name)
+    assert len(new_jobs) == 1 and new_jobs[0] == row["new_job_id"], (new_jobs, row)
+    assert as_user(slurm_cluster, user_state, "cancel", name).returncode == 0
+
+
 @pytest.mark.slurm
 @pytest.mark.timeout(300)
 def test_stopped_slurmctld_resubmits_nothing_then_rejoin_resumes(slurm_cluster, user_state):

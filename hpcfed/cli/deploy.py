@@ -175,7 +175,7 @@ def status(names, as_json):
     else:
         deps = store.all()
     # Adopt the jobs of submits that died between sbatch and their record.
-    deps, unanswered = deploy.settle_all_pending(store, deps)
+    deps, unanswered, _busy = deploy.settle_all_pending(store, deps)
     if names and len(deps) < len(names):
         gone = sorted(set(names) - {d.name for d in deps})
         raise NotFound(f"no deployment named {gone[0]!r} (its submit was interrupted; no job)")

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from hpcfed.plan import Plan
     from hpcfed.runner import Runner
 
+BUSY = "another hpcfed is handling it right now"
+
 # Gone in a way Slurm will not bring back by itself: rejoin resubmits.
 LOST_STATES = {"PREEMPTED", "NODE_FAIL", "TIMEOUT", "CANCELLED", "BOOT_FAIL", "DEADLINE", GONE}
 
@@ -112,7 +114,7 @@ def _resubmit(
         lock = store.lock(name, wait=0)
         lock.__enter__()
     except EnvironmentProblem:
-        return Outcome(name, "busy", "another hpcfed is handling it right now")
+        return Outcome(name, "busy", BUSY)
     try:
         dep = store.require(name)  # fresh: another rejoin may have acted since our first look
         plan = Plan.model_validate(dep.plan)
@@ -198,10 +200,13 @@ def reconcile(
 
     store = store or DeploymentStore()
     clock = now or time.time
-    deps, _unanswered = deploy.settle_all_pending(store, store.all())
+    deps, _unanswered, busy = deploy.settle_all_pending(store, store.all())
     infos, _errors, _calls = deploy.poll([d for d in deps if not d.stopped])
     outcomes = []
     for dep in deps:
+        if dep.name in busy:  # another hpcfed is between its intent and its record right now
+            outcomes.append(Outcome(dep.name, "busy", BUSY, dep.job_id))
+            continue
         action, why = decide(dep, infos.get(dep.name), clock())
         if action == "resubmit":
             outcomes.append(_resubmit(store, dep.name, clock, dry_run, progress))

@@ -28,6 +28,10 @@ GUARD_LEASE = 30.0  # a stale-lock breaker holds its guard for milliseconds
 RENEWALS_PER_LEASE = 4  # the holder touches its lock this often per lease: one missed is fine
 
 
+class LockBusy(EnvironmentProblem):
+    """Another live hpcfed holds the lock (not stale): what it is doing is in progress."""
+
+
 def this_host() -> str:
     """This machine's name, as lock owners and temp files record it (socket.gethostname()'s
     value, without importing socket on every command)."""
@@ -63,7 +67,7 @@ def lease_lock(
             _break_stale(path, default_lease=lease)
             continue
         if time.monotonic() > deadline:
-            raise EnvironmentProblem(
+            raise LockBusy(
                 f"{path}: held by another hpcfed (renewed {age:.0f}s ago, still alive); "
                 f"try again when it is done"
             )
