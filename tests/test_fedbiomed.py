@@ -393,6 +393,64 @@ def fbm_federation(slurm_cluster, fedbiomed_image):
         fed.down()
 
 
+RESET = "connection to the researcher was reset"  # the supervisor's line (roles.yaml failures)
+
+
+@pytest.mark.e2e
+@pytest.mark.slurm
+@pytest.mark.wireguard
+@pytest.mark.apptainer
+@pytest.mark.fedbiomed_image
+@pytest.mark.timeout(600)
+def test_nodes_outlast_a_researcher_whose_tunnel_is_up_before_it_listens(fbm_federation):
+    """The start-order race of a real federation, made certain rather than left to chance: the
+    researcher's job has its tunnel up (its -R delivers the gRPC port to 127.0.0.1) but nothing
+    listens there yet. A node's poll is accepted by its own local forward, carried through the
+    hub and reset at the researcher's end; Fed-BioMed stops the node on that reset and exits 0.
+    hpcfed starts the node again (roles.yaml `failures`), so every node job keeps running and
+    the experiment of the next test finds all of them."""
+    from demo.fedbiomed import DEMO, SERVER_NAME
+
+    fed = fbm_federation
+    before = {n: fed.log(n).count(RESET) for n in fed.nodes}
+    silent = "fbm-researcher-not-listening"
+    DEMO.hpcfed(
+        "submit", "researcher", "--site", "fbm-local", "--name", silent, "--gpus", "0",
+        "--image", fed.state.image,
+        "--tunnel-config", str(fed.userdir / f"{SERVER_NAME}.wg.conf"),
+        "--command", "sleep 600",
+    )  # fmt: skip
+    fed.state.deployments.append(silent)  # the fixture's teardown cancels it if this fails
+    fed.state.save()
+
+    def restarted() -> dict:
+        """Per node whose new reset shows the node started again: its log from that reset on
+        (Fed-BioMed's own line just before it names the exception)."""
+        out = {}
+        for n in fed.nodes:
+            log = fed.log(n)
+            at = -1
+            for _ in range(before[n] + 1):
+                at = log.find(RESET, at + 1)
+                if at < 0:
+                    break
+            if at >= 0 and "starting fedbiomed node" in log[at:]:
+                out[n] = log[log.rfind("\n", 0, log.rfind("This will stop gRPC client", 0, at)) :]
+        return out
+
+    deadline = time.monotonic() + 180
+    while len(done := restarted()) < len(fed.nodes):
+        assert time.monotonic() < deadline, {n: fed.log(n)[-2000:] for n in fed.nodes}
+        time.sleep(3)
+    DEMO.hpcfed("cancel", silent)
+    for after in done.values():
+        # Fed-BioMed's words for what happened, then hpcfed's: the known failure, the restart
+        assert "This will stop gRPC client" in after.split(RESET)[0], after
+        assert "retrying in 10s" in after, after
+    status = fed.status(*fed.nodes)
+    assert all(status[n]["job_state"] == "RUNNING" for n in fed.nodes), status
+
+
 @pytest.mark.e2e
 @pytest.mark.slurm
 @pytest.mark.wireguard
