@@ -1,6 +1,6 @@
 //! Port forwards: a local TCP connection spliced to a tunnel (smoltcp) connection, both ways,
 //! with half-close carried across and resets propagated.
-use crate::owner;
+use crate::owner::{self, Client};
 use crate::spec::{LocalForward, RemoteForward};
 use crate::stack::{Inbound, Shared};
 use smoltcp::iface::SocketHandle;
@@ -207,13 +207,13 @@ pub async fn serve_local(shared: Shared, listener: TcpListener, fwd: LocalForwar
             }
         };
         if !allow_other {
-            let uid = match stream.local_addr() {
-                Ok(local) => lookup.peer_uid(peer, local),
-                Err(_) => None,
+            let client = match stream.local_addr() {
+                Ok(local) => lookup.client(peer, local),
+                Err(_) => Client::NotFound,
             };
-            if uid != Some(me) {
+            if client != Client::Owner(me) {
                 shared.lock().counters.refused += 1;
-                let who = uid.map(|u| format!("uid {u}")).unwrap_or_else(|| "an unproven owner".into());
+                let who = client.describe();
                 if let Some(line) = refusals.refuse(Instant::now(), format!("{peer} ({who})"), &what) {
                     eprintln!("hpcfed tunnel: {line}; {rule}");
                 }

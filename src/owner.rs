@@ -25,6 +25,31 @@ impl SockInfo {
         (self.inode != 0 && self.state != TCP_TIME_WAIT && self.state != TCP_LISTEN)
             .then_some(self.uid)
     }
+
+    fn client(&self) -> Client {
+        self.owner().map_or(Client::Closed, Client::Owner)
+    }
+}
+
+/// What the kernel proves about the client of an accepted connection. `Closed` is common and
+/// harmless: a liveness probe (Fed-BioMed's node connects and closes at once) is gone before
+/// the accept loop asks; its owner cannot be proven, so it is refused all the same.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Client {
+    Owner(u32),
+    Closed,
+    NotFound,
+}
+
+impl Client {
+    /// How a refusal names it in the tunnel's log.
+    pub fn describe(&self) -> String {
+        match self {
+            Client::Owner(uid) => format!("uid {uid}"),
+            Client::Closed => "closed before it was accepted: owner unprovable".into(),
+            Client::NotFound => "an unproven owner".into(),
+        }
+    }
 }
 
 /// The IPv4 address as an IPv6 socket sees it (::ffff:a.b.c.d), None for IPv6 addresses.
@@ -207,19 +232,29 @@ impl Lookup {
     /// The proven owner (uid) of the client socket of an accepted connection: `peer` is the
     /// client's address as we accepted it, `local` our listening address.
     pub fn peer_uid(&mut self, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
+        match self.client(peer, local) {
+            Client::Owner(uid) => Some(uid),
+            _ => None,
+        }
+    }
+
+    /// The client socket of an accepted connection: its proven owner, or why there is none.
+    pub fn client(&mut self, peer: SocketAddr, local: SocketAddr) -> Client {
         let (peer, local) = (canon(peer), canon(local));
         match self.query(peer, local) {
-            Answer::Found(info) => info.owner(),
+            Answer::Found(info) => info.client(),
             // A dual-stack (AF_INET6) client talking IPv4 — gRPC's default, so every NVFlare
             // and Flower client — is listed by the kernel under IPv6 with v4-mapped addresses.
             Answer::NoSuchSocket => match (mapped(peer), mapped(local)) {
                 (Some(p6), Some(l6)) => match self.query(p6, l6) {
-                    Answer::Found(info) => info.owner(),
-                    _ => None,
+                    Answer::Found(info) => info.client(),
+                    _ => Client::NotFound,
                 },
-                _ => None,
+                _ => Client::NotFound,
             },
-            Answer::Unavailable => proc_lookup(peer, local).and_then(|i| i.owner()),
+            Answer::Unavailable => {
+                proc_lookup(peer, local).map_or(Client::NotFound, |i| i.client())
+            }
         }
     }
 }
@@ -336,6 +371,20 @@ mod tests {
         drop(s);
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert_eq!(Lookup::new().peer_uid(peer, local), None);
+        // named for what it is in the refusal's log line, not as an unknown owner
+        assert_eq!(Lookup::new().client(peer, local), Client::Closed);
+    }
+
+    #[test]
+    fn a_probe_that_closes_before_the_accept_is_closed_not_unknown() {
+        // Fed-BioMed's is_server_alive: connect, then close at once; the accept comes later.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        drop(TcpStream::connect(l.local_addr().unwrap()).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (_s, peer) = l.accept().unwrap();
+        let got = Lookup::new().client(peer, l.local_addr().unwrap());
+        assert_eq!(got, Client::Closed);
+        assert!(got.describe().starts_with("closed before it was accepted"));
     }
 
     #[test]
