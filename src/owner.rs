@@ -229,16 +229,8 @@ impl Lookup {
         }
     }
 
-    /// The proven owner (uid) of the client socket of an accepted connection: `peer` is the
-    /// client's address as we accepted it, `local` our listening address.
-    pub fn peer_uid(&mut self, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-        match self.client(peer, local) {
-            Client::Owner(uid) => Some(uid),
-            _ => None,
-        }
-    }
-
     /// The client socket of an accepted connection: its proven owner, or why there is none.
+    /// `peer` is the client's address as we accepted it, `local` our listening address.
     pub fn client(&mut self, peer: SocketAddr, local: SocketAddr) -> Client {
         let (peer, local) = (canon(peer), canon(local));
         match self.query(peer, local) {
@@ -333,7 +325,7 @@ mod tests {
             }
             _ => panic!("sock_diag did not find a live loopback socket"),
         }
-        assert_eq!(l.peer_uid(peer, local), Some(my_uid()));
+        assert_eq!(l.client(peer, local), Client::Owner(my_uid()));
         // the /proc fallback agrees
         assert_eq!(
             proc_lookup(peer, local).and_then(|i| i.owner()),
@@ -349,7 +341,7 @@ mod tests {
         let c = socket2_v6_connect(port);
         let (_s, peer) = l.accept().unwrap();
         let local = l.local_addr().unwrap();
-        assert_eq!(Lookup::new().peer_uid(peer, local), Some(my_uid()));
+        assert_eq!(Lookup::new().client(peer, local), Client::Owner(my_uid()));
         drop(c);
     }
 
@@ -370,8 +362,7 @@ mod tests {
         let _ = std::io::Read::read(&mut &s, &mut buf);
         drop(s);
         std::thread::sleep(std::time::Duration::from_millis(50));
-        assert_eq!(Lookup::new().peer_uid(peer, local), None);
-        // named for what it is in the refusal's log line, not as an unknown owner
+        // unproven, and named for what it is in the refusal's log line (not an unknown owner)
         assert_eq!(Lookup::new().client(peer, local), Client::Closed);
     }
 
@@ -397,7 +388,7 @@ mod tests {
             Lookup::new().query(there, nowhere),
             Answer::NoSuchSocket
         ));
-        assert_eq!(Lookup::new().peer_uid(there, nowhere), None);
+        assert_eq!(Lookup::new().client(there, nowhere), Client::NotFound);
     }
 
     #[test]

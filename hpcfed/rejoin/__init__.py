@@ -16,9 +16,10 @@ import datetime
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
-from hpcfed.errors import EnvironmentProblem, HpcfedError, SchedulerUnavailable
+from hpcfed.errors import HpcfedError, SchedulerUnavailable
 from hpcfed.scheduler import GONE, UNKNOWN, JobInfo
 from hpcfed.state import Deployment, DeploymentStore
+from hpcfed.state.lock import LockBusy
 from hpcfed.state.store import epoch
 
 if TYPE_CHECKING:
@@ -113,7 +114,7 @@ def _resubmit(
     try:
         lock = store.lock(name, wait=0)
         lock.__enter__()
-    except EnvironmentProblem:
+    except LockBusy:  # a lock that cannot be made at all is an error, not busy
         return Outcome(name, "busy", BUSY)
     try:
         dep = store.require(name)  # fresh: another rejoin may have acted since our first look
