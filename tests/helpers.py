@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
-from typing import Mapping, Optional, Sequence
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Sequence
 
 # Tests run under the venv's interpreter: `python -m hpcfed` is the installed package.
 # The installed command: `python -m hpcfed` would import a source tree in the working directory.
@@ -115,3 +119,18 @@ def need_module(name: str, reason: str):
         if IN_CI:
             raise RuntimeError(f"required in CI: {reason}") from None
         pytest.skip(reason, allow_module_level=True)
+
+
+@contextlib.contextmanager
+def sbatch_wrapper(body: str) -> Iterator[str]:
+    """A PATH (for the cluster user too) whose `sbatch` is the shell script `body` around the
+    real one, named $REAL_SBATCH in it: a slow or crashing submission on the real cluster."""
+    d = Path(tempfile.mkdtemp(prefix="hpcfed-sbatchbin-"))
+    try:
+        d.chmod(0o755)  # the cluster user must reach it
+        script = d / "sbatch"
+        script.write_text(f"#!/bin/sh\nREAL_SBATCH={shutil.which('sbatch')}\n{body}\n")
+        script.chmod(0o755)
+        yield f"{d}:{os.environ['PATH']}"
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import HPCFED, hpcfed, need, run, user_env
+from helpers import HPCFED, hpcfed, need, run, sbatch_wrapper, user_env
 
 from hpcfed.rejoin import cron as c
 from hpcfed.rejoin import decide
@@ -257,12 +257,8 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
 def slow_sbatch():
     """A PATH entry whose `sbatch` waits 8 s, then submits for real: a busy slurmctld, which
     holds one rejoin between its recorded intent and its record."""
-    d = Path(tempfile.mkdtemp(prefix="hpcfed-slowbin-"))  # the cluster user must reach it
-    d.chmod(0o755)
-    (d / "sbatch").write_text(f'#!/bin/sh\nsleep 8\nexec {shutil.which("sbatch")} "$@"\n')
-    (d / "sbatch").chmod(0o755)
-    yield f"{d}:{os.environ['PATH']}"
-    shutil.rmtree(d, ignore_errors=True)
+    with sbatch_wrapper('sleep 8\nexec "$REAL_SBATCH" "$@"') as path:
+        yield path
 
 
 @pytest.mark.slurm
@@ -522,10 +518,11 @@ def test_cancel_during_a_long_rejoin_waits_or_fails_and_is_never_lost(slurm_clus
     """A rejoin holds the deployment's lock longer than any waiter's patience (its sbatch is
     slow, as over a sluggish SSH link): a `cancel` meanwhile must not break the live lock. It
     waits and fails clearly; it never says "cancelled" while rejoin goes on to start a job."""
-    slow = Path(tempfile.mkdtemp(prefix="hpcfed-slowbin-"))  # the cluster user must reach it
-    slow.chmod(0o755)
-    (slow / "sbatch").write_text(f'#!/bin/sh\nsleep 130\nexec {shutil.which("sbatch")} "$@"\n')
-    (slow / "sbatch").chmod(0o755)
+    with sbatch_wrapper('sleep 130\nexec "$REAL_SBATCH" "$@"') as slow_path:
+        _cancel_during_a_long_rejoin(slurm_cluster, user_state, slow_path)
+
+
+def _cancel_during_a_long_rejoin(slurm_cluster, user_state, slow_path):
     env = dict(user_state, HPCFED_SITE__SCHEDULER__TIMEOUT="300")  # the sbatch is slow on purpose
     name, job_id = submit_sleeper(slurm_cluster, env)
     admin_cancel(job_id)
@@ -533,7 +530,7 @@ def test_cancel_during_a_long_rejoin_waits_or_fails_and_is_never_lost(slurm_clus
     import pwd
 
     pw = pwd.getpwnam(slurm_cluster.user)
-    rejoin_env.update(HOME=pw.pw_dir, USER=pw.pw_name, PATH=f"{slow}:{os.environ['PATH']}")
+    rejoin_env.update(HOME=pw.pw_dir, USER=pw.pw_name, PATH=slow_path)
     rejoin = subprocess.Popen(
         ["runuser", "-u", slurm_cluster.user, "--"] + HPCFED + ["rejoin", "--json"],
         env=rejoin_env,
@@ -569,4 +566,3 @@ def test_cancel_during_a_long_rejoin_waits_or_fails_and_is_never_lost(slurm_clus
         if rejoin.poll() is None:
             rejoin.kill()
         as_user(slurm_cluster, user_state, "cancel", name)
-        shutil.rmtree(slow, ignore_errors=True)

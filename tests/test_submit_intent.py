@@ -7,14 +7,12 @@ the real Slurm cluster, as the non-root user; the crash is a real SIGKILL of hpc
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import uuid
-from pathlib import Path
 
 import pytest
-from helpers import hpcfed, run
+from helpers import hpcfed, run, sbatch_wrapper
 
 pytestmark = pytest.mark.slurm
 
@@ -30,15 +28,10 @@ def user_state(slurm_cluster):
 @pytest.fixture()
 def crashing_sbatch():
     """A PATH entry whose `sbatch` submits for real, then SIGKILLs hpcfed before it hears back."""
-    d = Path(tempfile.mkdtemp(prefix="hpcfed-crashbin-"))  # the cluster user must reach it
-    d.chmod(0o755)
-    (d / "sbatch").write_text(
-        f'#!/bin/sh\nout=$({shutil.which("sbatch")} "$@") || exit $?\nkill -KILL $PPID\n'
-        'echo "$out"\n'
-    )
-    (d / "sbatch").chmod(0o755)
-    yield f"{d}:{os.environ['PATH']}"
-    shutil.rmtree(d, ignore_errors=True)
+    with sbatch_wrapper(
+        'out=$("$REAL_SBATCH" "$@") || exit $?\nkill -KILL $PPID\necho "$out"'
+    ) as path:
+        yield path
 
 
 def submit(cluster, env, name):
