@@ -122,15 +122,21 @@ def need_module(name: str, reason: str):
 
 
 @contextlib.contextmanager
-def sbatch_wrapper(body: str) -> Iterator[str]:
-    """A PATH (for the cluster user too) whose `sbatch` is the shell script `body` around the
-    real one, named $REAL_SBATCH in it: a slow or crashing submission on the real cluster."""
-    d = Path(tempfile.mkdtemp(prefix="hpcfed-sbatchbin-"))
+def slurm_wrapper(command: str, body: str) -> Iterator[str]:
+    """A PATH (for the cluster user too) whose `command` (sbatch, sacct, ...) is the shell script
+    `body` around the real one, named $REAL in it: a slow or crashing Slurm command on the real
+    cluster."""
+    d = Path(tempfile.mkdtemp(prefix=f"hpcfed-{command}bin-"))
     try:
         d.chmod(0o755)  # the cluster user must reach it
-        script = d / "sbatch"
-        script.write_text(f"#!/bin/sh\nREAL_SBATCH={shutil.which('sbatch')}\n{body}\n")
+        script = d / command
+        script.write_text(f"#!/bin/sh\nREAL={shutil.which(command)}\n{body}\n")
         script.chmod(0o755)
         yield f"{d}:{os.environ['PATH']}"
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+def sbatch_wrapper(body: str):
+    """slurm_wrapper for sbatch (a slow or crashing submission)."""
+    return slurm_wrapper("sbatch", body)

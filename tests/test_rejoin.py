@@ -257,7 +257,7 @@ def test_twenty_concurrent_rejoins_resubmit_exactly_once(slurm_cluster, user_sta
 def slow_sbatch():
     """A PATH entry whose `sbatch` waits 8 s, then submits for real: a busy slurmctld, which
     holds one rejoin between its recorded intent and its record."""
-    with sbatch_wrapper('sleep 8\nexec "$REAL_SBATCH" "$@"') as path:
+    with sbatch_wrapper('sleep 8\nexec "$REAL" "$@"') as path:
         yield path
 
 
@@ -518,7 +518,7 @@ def test_cancel_during_a_long_rejoin_waits_or_fails_and_is_never_lost(slurm_clus
     """A rejoin holds the deployment's lock longer than any waiter's patience (its sbatch is
     slow, as over a sluggish SSH link): a `cancel` meanwhile must not break the live lock. It
     waits and fails clearly; it never says "cancelled" while rejoin goes on to start a job."""
-    with sbatch_wrapper('sleep 130\nexec "$REAL_SBATCH" "$@"') as slow_path:
+    with sbatch_wrapper('sleep 130\nexec "$REAL" "$@"') as slow_path:
         _cancel_during_a_long_rejoin(slurm_cluster, user_state, slow_path)
 
 

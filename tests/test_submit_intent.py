@@ -28,9 +28,7 @@ def user_state(slurm_cluster):
 @pytest.fixture()
 def crashing_sbatch():
     """A PATH entry whose `sbatch` submits for real, then SIGKILLs hpcfed before it hears back."""
-    with sbatch_wrapper(
-        'out=$("$REAL_SBATCH" "$@") || exit $?\nkill -KILL $PPID\necho "$out"'
-    ) as path:
+    with sbatch_wrapper('out=$("$REAL" "$@") || exit $?\nkill -KILL $PPID\necho "$out"') as path:
         yield path
 
 
