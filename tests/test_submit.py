@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from helpers import hpcfed, run, user_xdg
+from helpers import hpcfed, run, slurm_wrapper, user_xdg
 
 pytestmark = pytest.mark.slurm
 
@@ -382,3 +382,25 @@ def test_doctor_checks_the_site_and_says_what_to_fix(slurm_cluster):
         "partition default" in l and "nosuch" in l and "partitions.default" in l for l in fails
     ), proc.stdout
     assert any("gpus" in l and "h100" in l for l in fails), proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_doctor_reports_a_hanging_sacct_as_its_check_and_the_rest_still(slurm_cluster, tmp_path):
+    # CI once saw `doctor --json` print nothing: a scheduler command after the ping took longer
+    # than scheduler.timeout and its error ended the whole report. Here sacct really hangs.
+    with slurm_wrapper("sacct", 'sleep 30\nexec "$REAL" "$@"') as path:
+        sites = tmp_path / "cfg" / "hpcfed" / "sites"
+        sites.mkdir(parents=True)
+        (sites / "slowdbd.yaml").write_text(
+            f"extends: local\nscheduler:\n  timeout: 3\n  env:\n    PATH: {path}\n"
+        )
+        proc = hpcfed(
+            "doctor", "--site", "slowdbd", "--json", env={"XDG_CONFIG_HOME": str(tmp_path / "cfg")}
+        )
+    assert proc.returncode == 7 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    checks = {r["check"]: r for r in json.loads(proc.stdout)}
+    assert checks["scheduler"]["ok"]
+    assert not checks["accounting"]["ok"]
+    assert "sacct did not answer within 3s" in checks["accounting"]["detail"], checks
+    # the checks after it still ran
+    assert checks["partition default"]["ok"] and checks["apptainer"]["ok"], checks

@@ -9,13 +9,26 @@ from hpcfed.errors import ConfigError, EnvironmentProblem, HpcfedError, Schedule
 
 
 def _run(runner, argv):
-    """runner.run, with a command the runner cannot start reported as a failed check."""
+    """runner.run, with a command that cannot start or does not answer as a failed check."""
     from hpcfed.runner import Result
 
     try:
         return runner.run(argv, timeout=20)
-    except EnvironmentProblem as exc:
+    except HpcfedError as exc:
         return Result(127, "", str(exc))
+
+
+def _ask(sched, argv):
+    """sched.check, with a scheduler command that fails or hangs reported as a failed check.
+
+    Once `scontrol ping` answered, a later command that times out (a busy slurmdbd) is that
+    check's FAIL line; it must not take the whole report with it."""
+    from hpcfed.runner import Result
+
+    try:
+        return sched.check(argv)
+    except HpcfedError as exc:
+        return Result(1, "", str(exc))
 
 
 def _checks(site_name: str):
@@ -48,7 +61,7 @@ def _checks(site_name: str):
             )
             yield "scheduler", False, str(exc), fix
             return
-        res = sched.check(["sacct", "--noheader", "-X", "--starttime=now", "--format=JobID"])
+        res = _ask(sched, ["sacct", "--noheader", "-X", "--starttime=now", "--format=JobID"])
         if res.returncode == 0:
             yield "accounting", True, "sacct answers", ""
         else:
@@ -58,41 +71,12 @@ def _checks(site_name: str):
                 (res.stderr.strip().splitlines() or ["sacct failed"])[-1],
                 "status of ended jobs is limited to squeue's MinJobAge; ask admins for slurmdbd",
             )
-        res = sched.check(["sinfo", "--noheader", "--format=%P|%G|%a"])
-        parts = {}
-        for line in res.stdout.splitlines():
-            name, gres, avail = (line.split("|") + ["", ""])[:3]
-            parts[name.rstrip("*")] = gres
-        for alias, part in sorted(p.partitions.items()):
-            if part in parts:
-                yield f"partition {alias}", True, f"{part} (gres {parts[part]})", ""
-            else:
-                yield (
-                    f"partition {alias}",
-                    False,
-                    f"{part} not in sinfo ({', '.join(parts) or 'none'})",
-                    f"fix partitions.{alias} in the profile",
-                )
-        gres = " ".join(parts.values())
-        if p.gpus.max_per_node:
-            if "gpu" not in gres:
-                yield (
-                    "gpus",
-                    False,
-                    "no partition offers gres/gpu",
-                    "set gpus.max_per_node: 0 or pick GPU partitions",
-                )
-            else:
-                missing = [t for t in p.gpus.types if f"gpu:{t}:" not in gres]
-                if missing:
-                    yield (
-                        "gpus",
-                        False,
-                        f"types {', '.join(missing)} not offered ({gres})",
-                        "fix gpus.types",
-                    )
-                else:
-                    yield "gpus", True, gres, ""
+        res = _ask(sched, ["sinfo", "--noheader", "--format=%P|%G|%a"])
+        if res.returncode != 0:
+            error = (res.stderr.strip().splitlines() or ["sinfo failed"])[-1]
+            yield "partitions", False, error, "run sinfo on the login node; ask the admins"
+        else:
+            yield from _partition_checks(p, res.stdout)
         # The values as the job uses them: exec'd as written, never expanded by a shell. The
         # value is an argument of `sh`, not part of its script, so `$HOME/x` stays `$HOME/x`.
         binary = p.apptainer.binary
@@ -116,6 +100,44 @@ def _checks(site_name: str):
         )
     finally:
         runner.close()
+
+
+def _partition_checks(p, sinfo: str):
+    """Yield (check, ok, detail, fix) for the profile's partitions and GPUs against sinfo."""
+    parts = {}
+    for line in sinfo.splitlines():
+        name, gres, avail = (line.split("|") + ["", ""])[:3]
+        parts[name.rstrip("*")] = gres
+    for alias, part in sorted(p.partitions.items()):
+        if part in parts:
+            yield f"partition {alias}", True, f"{part} (gres {parts[part]})", ""
+        else:
+            yield (
+                f"partition {alias}",
+                False,
+                f"{part} not in sinfo ({', '.join(parts) or 'none'})",
+                f"fix partitions.{alias} in the profile",
+            )
+    gres = " ".join(parts.values())
+    if p.gpus.max_per_node:
+        if "gpu" not in gres:
+            yield (
+                "gpus",
+                False,
+                "no partition offers gres/gpu",
+                "set gpus.max_per_node: 0 or pick GPU partitions",
+            )
+        else:
+            missing = [t for t in p.gpus.types if f"gpu:{t}:" not in gres]
+            if missing:
+                yield (
+                    "gpus",
+                    False,
+                    f"types {', '.join(missing)} not offered ({gres})",
+                    "fix gpus.types",
+                )
+            else:
+                yield "gpus", True, gres, ""
 
 
 def _reach_checks(tunnel_config: str, server_ip: str, ports):
