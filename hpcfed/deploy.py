@@ -9,7 +9,18 @@ from __future__ import annotations
 import getpass
 import uuid
 from collections import defaultdict
-from typing import TYPE_CHECKING, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple
+from typing import (
+    TYPE_CHECKING,
+    AbstractSet,
+    Dict,
+    Iterable,
+    Iterator,
+    List,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
 
 from hpcfed.errors import ConfigError, HpcfedError, NotFound, SchedulerUnavailable
 from hpcfed.model import ValidationError
@@ -331,13 +342,23 @@ def poll(deployments: Iterable[Deployment]) -> Tuple[Dict[str, JobInfo], Dict[st
     return infos, errors, calls
 
 
+def _pending_reason(dep: Deployment, busy: bool) -> str:
+    """Why a deployment with no job to ask about has no state yet."""
+    if not dep.pending:
+        return ""
+    if busy:  # its lock is held by a live hpcfed: the submit is running, not lost
+        return "another hpcfed is submitting it right now"
+    return "a submit was interrupted; not settled yet"
+
+
 def status_rows(
-    deps: List[Deployment], history: bool = False
+    deps: List[Deployment], history: bool = False, busy: AbstractSet[str] = frozenset()
 ) -> Tuple[List[dict], Dict[str, str], int]:
     """One status row per deployment (one scheduler call per target for all of them).
 
     Returns (rows, target -> error for unreachable schedulers, scheduler calls made). With
-    `history`, each row's events are the whole history, the job's own events included.
+    `history`, each row's events are the whole history, the job's own events included. `busy`
+    names the deployments whose submit another hpcfed is running (settle_all_pending).
     """
     infos, errors, calls = poll(deps)
     rows = []
@@ -359,9 +380,7 @@ def status_rows(
                 if d.stopped and (not info or not info.active)
                 else (info.state if info else UNKNOWN if d.pending else "NOT_SUBMITTED"),
                 "job_state": info.state if info else None,
-                "reason": info.reason
-                if info
-                else ("a submit was interrupted; not settled yet" if d.pending else ""),
+                "reason": info.reason if info else _pending_reason(d, d.name in busy),
                 "node": info.node if info else "",
                 "stopped": d.stopped,
                 "jobs": d.jobs,

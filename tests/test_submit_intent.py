@@ -95,3 +95,54 @@ def test_a_crash_after_sbatch_leaves_no_untracked_job(
     finally:
         for job in jobs:
             run(["scancel", job])
+
+
+@pytest.mark.timeout(180)
+def test_status_during_a_slow_first_submit_says_it_is_running_and_settles_nothing(
+    slurm_cluster, user_state
+):
+    """A first submit inside a slow sbatch (intent recorded, lock held, no job yet): status
+    from another shell must say the submit is running - not "interrupted" - and must not settle
+    it; the submit then records its one job."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from helpers import HPCFED, user_env
+
+    name = f"slow-{uuid.uuid4().hex[:6]}"
+    record = Path(user_state["XDG_STATE_HOME"]) / "hpcfed" / "deployments" / f"{name}.json"
+    with sbatch_wrapper('sleep 8\nexec "$REAL" "$@"') as path:
+        env = dict(os.environ, **user_env(slurm_cluster.user))
+        env.update(user_state, PATH=path)
+        argv = ["submit", "client", "--site", "local", "--gpus", "0", "--name", name]
+        first = subprocess.Popen(
+            ["runuser", "-u", slurm_cluster.user, "--", *HPCFED, *argv, "--command", "sleep 600"]
+            + ["--json"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not (record.exists() and json.loads(record.read_text()).get("pending")):
+                assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+                time.sleep(0.2)
+            proc = hpcfed("status", name, "--json", user=slurm_cluster.user, env=user_state)
+            assert proc.returncode == 0, proc.stderr
+            (row,) = json.loads(proc.stdout)["deployments"]
+            assert row["reason"] == "another hpcfed is submitting it right now", row
+            assert not any(e["event"] == "submit-interrupted" for e in row["events"]), row
+        finally:
+            out, err = first.communicate(timeout=60)
+    assert first.returncode == 0, err
+    job_id = json.loads(out)["job_id"]
+    try:
+        assert active_jobs(name) == [job_id]
+        proc = hpcfed("status", name, "--json", user=slurm_cluster.user, env=user_state)
+        (row,) = json.loads(proc.stdout)["deployments"]
+        assert [j["job_id"] for j in row["jobs"]] == [job_id], row
+    finally:
+        run(["scancel", job_id])

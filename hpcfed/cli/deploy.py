@@ -175,11 +175,11 @@ def status(names, as_json):
     else:
         deps = store.all()
     # Adopt the jobs of submits that died between sbatch and their record.
-    deps, unanswered, _busy = deploy.settle_all_pending(store, deps)
+    deps, unanswered, busy = deploy.settle_all_pending(store, deps)
     if names and len(deps) < len(names):
         gone = sorted(set(names) - {d.name for d in deps})
         raise NotFound(f"no deployment named {gone[0]!r} (its submit was interrupted; no job)")
-    rows, errors, calls = deploy.status_rows(deps, history=bool(names))
+    rows, errors, calls = deploy.status_rows(deps, history=bool(names), busy=busy)
     errors.update({f"pending {i}": e for i, e in enumerate(unanswered)})
 
     def human(data):
