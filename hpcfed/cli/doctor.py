@@ -8,27 +8,24 @@ from hpcfed.cli._common import complete_sites, emit, json_option, table
 from hpcfed.errors import ConfigError, EnvironmentProblem, HpcfedError, SchedulerUnavailable
 
 
-def _run(runner, argv):
-    """runner.run, with a command that cannot start or does not answer as a failed check."""
+def _answer(command, argv):
+    """command(argv) - runner.run or sched.check - with one that cannot start, fails to reach
+    the scheduler or outlives its timeout as a failed Result: once `scontrol ping` answered, a
+    slow sacct is that check's FAIL line, never the end of the whole report."""
     from hpcfed.runner import Result
 
     try:
-        return runner.run(argv, timeout=20)
+        return command(argv)
     except HpcfedError as exc:
         return Result(127, "", str(exc))
 
 
-def _ask(sched, argv):
-    """sched.check, with a scheduler command that fails or hangs reported as a failed check.
+def _run(runner, argv):
+    return _answer(lambda a: runner.run(a, timeout=20), argv)
 
-    Once `scontrol ping` answered, a later command that times out (a busy slurmdbd) is that
-    check's FAIL line; it must not take the whole report with it."""
-    from hpcfed.runner import Result
 
-    try:
-        return sched.check(argv)
-    except HpcfedError as exc:
-        return Result(1, "", str(exc))
+def _error_line(res, default: str) -> str:
+    return (res.stderr.strip().splitlines() or [default])[-1]
 
 
 def _checks(site_name: str):
@@ -61,19 +58,21 @@ def _checks(site_name: str):
             )
             yield "scheduler", False, str(exc), fix
             return
-        res = _ask(sched, ["sacct", "--noheader", "-X", "--starttime=now", "--format=JobID"])
+        res = _answer(
+            sched.check, ["sacct", "--noheader", "-X", "--starttime=now", "--format=JobID"]
+        )
         if res.returncode == 0:
             yield "accounting", True, "sacct answers", ""
         else:
             yield (
                 "accounting",
                 False,
-                (res.stderr.strip().splitlines() or ["sacct failed"])[-1],
+                _error_line(res, "sacct failed"),
                 "status of ended jobs is limited to squeue's MinJobAge; ask admins for slurmdbd",
             )
-        res = _ask(sched, ["sinfo", "--noheader", "--format=%P|%G|%a"])
+        res = _answer(sched.check, ["sinfo", "--noheader", "--format=%P|%G|%a"])
         if res.returncode != 0:
-            error = (res.stderr.strip().splitlines() or ["sinfo failed"])[-1]
+            error = _error_line(res, "sinfo failed")
             yield "partitions", False, error, "run sinfo on the login node; ask the admins"
         else:
             yield from _partition_checks(p, res.stdout)
